@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 from cxr_search.errors import ConfigError
 
@@ -145,6 +145,24 @@ class ModelConfig:
 
 
 def _build(cls: Type[T], data: Mapping[str, Any], where: str) -> T:
+    return build_dataclass(cls, data, where, _NESTED)
+
+
+def build_dataclass(
+    cls: Type[T], data: Mapping[str, Any], where: str = "", nested: Optional[Mapping[Tuple[type, str], type]] = None
+) -> T:
+    """Build a (frozen) config dataclass from a mapping, refusing unknown keys by name.
+
+    Args:
+        cls: The dataclass.
+        data: Field values; lists become tuples.
+        where: Dotted path of ``data`` in the whole config, for error messages.
+        nested: ``(dataclass, field) -> dataclass`` of sub-sections built recursively.
+
+    Raises:
+        ConfigError: An unknown key, a non-mapping section, or a value the dataclass refuses.
+    """
+    nested = nested or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config section '{where or cls.__name__}' must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -157,15 +175,18 @@ def _build(cls: Type[T], data: Mapping[str, Any], where: str) -> T:
         )
     kwargs: Dict[str, Any] = {}
     for name, value in data.items():
-        sub = _NESTED.get((cls, name))
+        sub = nested.get((cls, name))
         key = f"{where}.{name}" if where else name
         if sub is not None:
-            kwargs[name] = _build(sub, value, key)
+            kwargs[name] = build_dataclass(sub, value, key, nested)
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a missing required field
+        raise ConfigError(f"config section '{where or cls.__name__}': {exc}") from None
 
 
 _NESTED: Dict[Tuple[type, str], type] = {
@@ -177,13 +198,31 @@ _NESTED: Dict[Tuple[type, str], type] = {
 
 
 def _merge(base: Dict[str, Any], overrides: Mapping[str, Any], where: str = "") -> Dict[str, Any]:
+    return merge_overrides(base, overrides, where, _FREE_DICTS)
+
+
+def merge_overrides(
+    base: Dict[str, Any], overrides: Mapping[str, Any], where: str = "", free: Iterable[str] = ()
+) -> Dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base``, refusing keys that ``base`` lacks.
+
+    Args:
+        base: The resolved config as a dict.
+        overrides: Nested overrides (a mapping value merges into a sub-section).
+        where: Dotted path of ``base``, for error messages.
+        free: Names of free-form dict fields (third-party kwargs) that accept any key.
+
+    Raises:
+        ConfigError: An unknown key, named with its dotted path and the valid keys.
+    """
+    free = frozenset(free)
     out = copy.deepcopy(base)
     for key, value in overrides.items():
         path = f"{where}.{key}" if where else key
         if key not in out:
             raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(sorted(out))}")
-        if isinstance(out[key], dict) and isinstance(value, Mapping) and key not in _FREE_DICTS:
-            out[key] = _merge(out[key], value, path)
+        if isinstance(out[key], dict) and isinstance(value, Mapping) and key not in free:
+            out[key] = merge_overrides(out[key], value, path, free)
         elif isinstance(out[key], dict) and isinstance(value, Mapping):
             out[key] = {**out[key], **value}  # free-form kwargs dicts: merge without key checks
         else:

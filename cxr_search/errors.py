@@ -101,3 +101,9 @@ class SearchIndexError(CxrSearchError):
     """A missing, corrupt or inconsistent search index."""
 
     exit_code = 7
+
+
+class TrainingError(CxrSearchError):
+    """A training run that cannot go on as configured (out of memory, diverged loss, clashing run)."""
+
+    exit_code = 8

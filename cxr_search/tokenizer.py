@@ -100,16 +100,54 @@ class TextTokenizer:
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], *, vocab_size: int, lowercase: bool = True, max_length: int = 256
+        cls, texts: Iterable[str], *, vocab_size: int, lowercase: bool = True, max_length: int = 256,
+        min_frequency: int = 2,
     ) -> "TextTokenizer":
-        """Train a WordPiece vocabulary on a corpus (for models trained from scratch)."""
-        trainer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
-        trainer.train_from_iterator(
-            texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False
-        )
-        vocab_map: Dict[str, int] = trainer.get_vocab()
-        vocab = [tok for tok, _ in sorted(vocab_map.items(), key=lambda kv: kv[1])]
-        logger.info("trained a WordPiece vocabulary of %d tokens", len(vocab))
+        """Learn a WordPiece vocabulary from a corpus (for models trained from scratch), deterministically.
+
+        The vocabulary is: the special tokens, every character of the corpus as a word start and as a
+        ``##`` continuation (so no word becomes ``[UNK]``), then whole words seen at least
+        ``min_frequency`` times, most frequent first (ties alphabetical), up to ``vocab_size``. Words
+        outside it split into characters by WordPiece's greedy longest match. ``tokenizers``' own
+        WordPiece trainer is not used because it breaks frequency ties in hash-map order, which
+        changes between processes: two runs with the same seed (or two ranks of one run) would get
+        different vocabularies.
+
+        Args:
+            texts: The corpus (e.g. the training reports).
+            vocab_size: Upper bound of the vocabulary size.
+            lowercase: BERT ``do_lower_case`` (normalisation before counting, as when encoding).
+            max_length: Truncation length of the resulting tokenizer.
+            min_frequency: Minimum count of a whole word.
+
+        Raises:
+            TokenizerError: ``vocab_size`` too small for the special tokens and the alphabet.
+        """
+        from collections import Counter
+
+        from tokenizers.normalizers import BertNormalizer
+        from tokenizers.pre_tokenizers import BertPreTokenizer
+
+        normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+        pre = BertPreTokenizer()
+        counts: Counter = Counter()
+        for text in texts:
+            counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(str(text))))
+        alphabet = sorted({ch for word in counts for ch in word})
+        vocab = list(SPECIAL_TOKENS) + alphabet + ["##" + ch for ch in alphabet]
+        if len(vocab) > vocab_size:
+            raise TokenizerError(
+                f"vocab_size {vocab_size} is smaller than the special tokens and the corpus alphabet ({len(vocab)}); "
+                "raise it (init.vocab_size)"
+            )
+        known = set(vocab)
+        for word, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            if len(vocab) >= vocab_size or n < min_frequency:
+                break
+            if word not in known:
+                vocab.append(word)
+                known.add(word)
+        logger.info("learnt a WordPiece vocabulary of %d tokens from %d distinct words", len(vocab), len(counts))
         return cls(vocab, lowercase=lowercase, max_length=max_length)
 
     # ----------------------------------------------------------------------------------- using

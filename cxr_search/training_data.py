@@ -19,8 +19,8 @@ Seeding (how the trainer gets reproducible epochs):
 * ``persistent_workers=True`` keeps the workers (and their RNG streams) across epochs, so a loader
   must then be built once, e.g. with ``epoch_generator(seed, 0)``: the run is reproducible from its
   start, but resuming at epoch ``k`` does not replay the same samples.
-* Workers do not limit OpenCV's threads (CLAHE); with many workers, a ``worker_init_fn`` calling
-  ``cv2.setNumThreads(1)`` avoids oversubscribing the CPUs.
+* Workers do not limit OpenCV's threads (CLAHE). Do not call ``cv2.setNumThreads`` in a forked
+  worker: it can deadlock when the parent already used OpenCV's thread pool.
 
 Memory: the per-study strings (paths, report sections, label JSON) are packed into a few numpy
 buffers instead of millions of Python objects, so forked workers share them instead of copying every

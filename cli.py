@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_search.errors import CxrSearchError, InputFileError
+from train.commands import train_app
 
 app = typer.Typer(
     name="cxr-search",
@@ -33,6 +34,7 @@ data_app = typer.Typer(help="Prepare datasets, cache images, generate synthetic 
 app.add_typer(model_app, name="model")
 app.add_typer(embed_app, name="embed")
 app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
 
 console = Console(stderr=True)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}

@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=500)
     ap.add_argument("--image-size", type=int, default=256, help="Rendered image size of the archives.")
     ap.add_argument("--recipe", default="tiny-synth")
+    ap.add_argument("--run", default="run", help="Run folder name under --work (archives and caches are reused).")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="Recipe override key=value.")
     ap.add_argument("--curve-every", type=int, default=5, help="Keep a checkpoint every N epochs and score each "
                     "on the held-out studies (the learning curve).")
@@ -80,7 +81,7 @@ def main() -> None:
     write_manifest(list(train_rows) + list(held_rows), manifest)
     timings["prepare_and_cache_s"] = time.perf_counter() - t
 
-    run = work / "run"
+    run = work / args.run
     t = time.perf_counter()
     result = train(cfg, [manifest], run, progress=False)
     timings["train_s"] = time.perf_counter() - t

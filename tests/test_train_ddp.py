@@ -31,12 +31,17 @@ def _free_port() -> int:
 
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     manifest = make_manifest(tmp_path / "data", studies=16)
-    overrides = fast_overrides(model_overrides=_MODEL, optim={"batch_size": 8, "epochs": 1}, checkpoint_every=0)
+    # Adam divides by sqrt(v) + eps: a parameter whose true gradient is zero (BERT's key biases: softmax
+    # ignores a constant shift) gets float noise of ~1e-12 that the default eps of 1e-8 turns into a
+    # full-size step of either sign, so the runs would differ by summation order alone. eps 1e-6 keeps
+    # such noise from moving weights while leaving real gradients' steps unchanged in both runs.
+    overrides = fast_overrides(model_overrides=_MODEL, optim={"batch_size": 8, "epochs": 1, "eps": 1e-6},
+                               checkpoint_every=0)
     single = train(get_recipe("tiny-synth", **overrides), [manifest], tmp_path / "one", progress=False)
     assert single.steps == 2
     sets = ["--set", "model_overrides=" + json.dumps(_MODEL), "--set", "init.vocab_size=200",
             "--set", "data.num_workers=0", "--set", "data.val_split=train", "--set", "data.max_val_studies=8",
-            "--set", "optim.batch_size=8", "--set", "optim.epochs=1", "--set", "optim.warmup_epochs=0.5",
+            "--set", "optim.batch_size=8", "--set", "optim.epochs=1", "--set", "optim.eps=1e-6", "--set", "optim.warmup_epochs=0.5",
             "--set", "checkpoint_every=0", "--set", "log_every=1", "--set", "device=cpu"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"

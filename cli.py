@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_search.errors import CxrSearchError, InputFileError
+from index.commands import index_app, search_app
 from train.commands import train_app
 
 app = typer.Typer(
@@ -35,6 +36,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(embed_app, name="embed")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(index_app, name="index")
+app.add_typer(search_app, name="search")
 
 console = Console(stderr=True)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
@@ -344,7 +347,8 @@ def demo(
 def main(argv: Optional[List[str]] = None) -> int:
     """Console-script entry point: run the app, turning user errors into one line and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns the code of typer.Exit (e.g. `index verify` finding problems).
+        rc = app(args=argv, standalone_mode=False)
     except CxrSearchError as exc:
         console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         return exc.exit_code
@@ -360,7 +364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(exc, click.exceptions.Abort):
             return 1
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

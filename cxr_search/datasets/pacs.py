@@ -25,7 +25,7 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Union
 
 from cxr_search.datasets.common import PrepareResult, SkipLog, finish, require_dir, walk_files
 from cxr_search.datasets.headers import header_fields, iter_headers
@@ -105,7 +105,36 @@ def _is_sr(modality: Optional[str], sop_class: Optional[str]) -> bool:
     return (sop_class or "").startswith(SR_SOP_CLASS_PREFIX) or (modality or "").upper() == "SR"
 
 
-def _candidate_files(root: Path, skips: SkipLog) -> Iterator[Path]:
+def radiograph_skip_reason(header: Any, *, body_part_filter: bool = True) -> Optional[str]:
+    """Why a (non-SR) DICOM header is not a usable chest radiograph, or None when it is one.
+
+    Args:
+        header: A :class:`cxr_search.dicom_header.DicomHeader`.
+        body_part_filter: Refuse BodyPartExamined values that do not name the chest.
+    """
+    if not header.has_pixel_data:
+        return f"no pixel data (modality {header.modality or 'missing'})"
+    if not _is_radiograph(header.modality, header.sop_class_uid):
+        return f"modality {header.modality or 'missing'}"
+    if body_part_filter and not is_chest_body_part(header.body_part):
+        return f"body part {header.body_part}"
+    if header.number_of_frames is not None and header.number_of_frames > 1:
+        return "multi-frame image"
+    photometric = header.photometric_interpretation
+    if photometric and not photometric.startswith("MONOCHROME"):
+        # Radiographs are greyscale; colour objects are screenshots or secondary captures.
+        return f"colour image ({photometric})"
+    if not header.study_instance_uid or not header.sop_instance_uid:
+        return "no StudyInstanceUID or SOPInstanceUID"
+    return None
+
+
+def is_structured_report(header: Any) -> bool:
+    """Whether a DICOM header is a Structured Report (a report source, not an image)."""
+    return _is_sr(header.modality, header.sop_class_uid)
+
+
+def candidate_files(root: Path, skips: SkipLog) -> Iterator[Path]:
     """Files worth a header read; DICOMDIRs and zip archives are skipped here."""
     for count, path in enumerate(walk_files(root), start=1):
         if count % _PROGRESS_EVERY == 0:
@@ -163,37 +192,21 @@ def prepare_pacs(
     rows: List[ManifestRow] = []
     sr_paths: Dict[str, List[str]] = {}
     files_read = 0
-    for path_str, header, reason, detail in iter_headers(_candidate_files(base, skips), workers=workers):
+    for path_str, header, reason, detail in iter_headers(candidate_files(base, skips), workers=workers):
         files_read += 1
         if header is None:
             skips.skip(reason or "unreadable DICOM", detail or path_str)
             continue
-        if _is_sr(header.modality, header.sop_class_uid):
+        if is_structured_report(header):
             if use_sr and header.study_instance_uid:
                 sr_paths.setdefault(header.study_instance_uid, []).append(path_str)
             else:
                 why = "structured report not used" if header.study_instance_uid else "SR without StudyInstanceUID"
                 skips.skip(why, path_str)
             continue
-        if not header.has_pixel_data:
-            skips.skip(f"no pixel data (modality {header.modality or 'missing'})", path_str)
-            continue
-        if not _is_radiograph(header.modality, header.sop_class_uid):
-            skips.skip(f"modality {header.modality or 'missing'}", path_str)
-            continue
-        if body_part_filter and not is_chest_body_part(header.body_part):
-            skips.skip(f"body part {header.body_part}", path_str)
-            continue
-        if header.number_of_frames is not None and header.number_of_frames > 1:
-            skips.skip("multi-frame image", path_str)
-            continue
-        photometric = header.photometric_interpretation
-        if photometric and not photometric.startswith("MONOCHROME"):
-            # Radiographs are greyscale; colour objects are screenshots or secondary captures.
-            skips.skip(f"colour image ({photometric})", path_str)
-            continue
-        if not header.study_instance_uid or not header.sop_instance_uid:
-            skips.skip("no StudyInstanceUID or SOPInstanceUID", path_str)
+        why_not = radiograph_skip_reason(header, body_part_filter=body_part_filter)
+        if why_not is not None:
+            skips.skip(why_not, path_str)
             continue
         rows.append(
             ManifestRow(
@@ -277,5 +290,6 @@ def _attach_reports(
 
 
 __all__ = [
-    "NAME", "RADIOGRAPH_MODALITIES", "is_chest_body_part", "prepare_pacs", "pseudonymous_patient_id",
+    "NAME", "RADIOGRAPH_MODALITIES", "candidate_files", "is_chest_body_part", "is_structured_report", "prepare_pacs",
+    "pseudonymous_patient_id", "radiograph_skip_reason",
 ]

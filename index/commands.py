@@ -1,0 +1,245 @@
+"""``cxr-search index ...`` and ``cxr-search search ...``: the Typer sub-apps of the engine (mounted by ``cli.py``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cxr_search.errors import ConfigError
+
+console = Console(stderr=True)
+index_app = typer.Typer(help="Build, extend, check and inspect a search index.", no_args_is_help=True)
+search_app = typer.Typer(help="Search an index by text or by image.", no_args_is_help=True)
+
+_MODEL_HELP = "Model: released CXR-CLIP file, our model directory, or preset (the index's model)."
+_DB_HELP = "Store URL (SQLAlchemy, e.g. postgresql+psycopg://host/db); default: INDEX_DIR/store.sqlite or $CXR_SEARCH_DB_URL."
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _load(model: str, tokenizer: Optional[Path], *, need_text: bool) -> Any:
+    from cxr_search.checkpoints import load_model
+
+    return load_model(model, tokenizer=tokenizer, require_tokenizer=need_text)
+
+
+def _build(command: str, archive: Path, model: str, tokenizer: Optional[Path], reports: Optional[Path], out: Path,
+           batch_size: int, workers: int, device: str, precision: str, factory: Optional[str],
+           bytes_per_vector: Optional[float], all_body_parts: bool, db: Optional[str], json_out: bool) -> None:
+    from index.engine import BuildOptions, build
+
+    m = _load(model, tokenizer, need_text=True)
+    opts = BuildOptions(reports_csv=reports, batch_size=batch_size, num_workers=workers, device=device,
+                        precision=precision, factory=factory, bytes_per_vector=bytes_per_vector,
+                        body_part_filter=not all_body_parts, db_url=db, progress=not json_out)
+    summary = build(archive, out, m, opts, command=command)
+    if json_out:
+        _emit_json(summary)
+        return
+    t = Table(title=f"index {command}: {out}")
+    for col in ("", "images", "studies", "sections", "failed"):
+        t.add_column(col, justify="right" if col else "left")
+    for row in ("totals", "added"):
+        t.add_row(row, *(str(summary[row][k]) for k in ("images", "studies", "sections", "failed")))
+    console.print(t)
+    for kind, f in summary["faiss"].items():
+        recall = f.get("recall_at_10")
+        console.print(f"{kind}: {f.get('n')} vectors, {f.get('factory')}"
+                      + (f", recall@10 vs exact {recall:.3f}" if isinstance(recall, float) else ""))
+    reasons = summary["catalogue"]["failure_reasons"]
+    if reasons:
+        console.print("not indexed: " + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())))
+
+
+def _build_command(command: str, doc: str) -> None:
+    @index_app.command(command, help=doc)
+    def _cmd(
+        archive: Path = typer.Argument(..., help="PACS export folder or manifest CSV (cxr-search data prepare)."),
+        model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+        out: Path = typer.Option(..., "--out", "-o", "--index", help="Index folder."),
+        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (released files)."),
+        reports: Optional[Path] = typer.Option(None, "--reports", help="RIS reports CSV (accession / StudyInstanceUID)."),
+        batch_size: int = typer.Option(32, "--batch-size", min=1),
+        workers: int = typer.Option(0, "--workers", min=0, help="Decoding worker processes."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+        precision: str = typer.Option("fp32", "--precision", help="fp32, bf16, fp16 (GPU) or auto."),
+        factory: Optional[str] = typer.Option(None, "--factory", help="FAISS factory string (default: chosen by size)."),
+        bytes_per_vector: Optional[float] = typer.Option(None, "--bytes-per-vector", help="Memory budget per vector for the automatic choice."),
+        all_body_parts: bool = typer.Option(False, "--all-body-parts", help="Keep CR/DX images whatever BodyPartExamined says."),
+        db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    ) -> None:
+        _build(command, archive, model, tokenizer, reports, out, batch_size, workers, device, precision, factory,
+               bytes_per_vector, all_body_parts, db, json_out)
+
+
+_build_command("build", "Index an archive (resumes an interrupted build: run the same command again).")
+_build_command("add", "Add the new images (new SOPInstanceUIDs) of an archive to an existing index.")
+
+
+@index_app.command("remove")
+def index_remove(
+    index: Path = typer.Argument(..., help="Index folder."),
+    study: List[str] = typer.Option([], "--study", help="StudyInstanceUID to remove (repeatable)."),
+    patient: List[str] = typer.Option([], "--patient", help="PatientID (as in the DICOM) whose studies to remove."),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Remove studies or patients from the store and every FAISS index."""
+    from index.engine import IndexDir
+
+    if not study and not patient:
+        raise ConfigError("give --study UID or --patient ID (repeatable)")
+    idx = IndexDir.open(index, db_url=db)
+    try:
+        removed = idx.remove(study_uids=study, patient_ids=patient)
+    finally:
+        idx.close()
+    if json_out:
+        _emit_json({"index": str(index), "removed": removed})
+    else:
+        console.print(f"removed {removed['study']} studies, {removed['image']} images, {removed['section']} sections")
+
+
+@index_app.command("verify")
+def index_verify(
+    index: Path = typer.Argument(..., help="Index folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Also check this model is the index's."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer"),
+    deep: bool = typer.Option(False, "--deep", help="Re-read every DICOM header (slow on large archives)."),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check that every row has exactly one vector and vice versa, the model, and the files."""
+    from index.verify import verify
+
+    m = _load(model, tokenizer, need_text=False) if model else None
+    report = verify(index, model=m, deep=deep, db_url=db, progress=not json_out)
+    if json_out:
+        _emit_json(report)
+    else:
+        for p in report["problems"]:
+            console.print(f"[red]{p['kind']}[/red]: {p['problem']} ({p['count']}; e.g. ids {p['examples']})")
+        console.print("[green]index OK[/green]" if report["ok"] else "[red]index has problems[/red]")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@index_app.command("stats")
+def index_stats(
+    index: Path = typer.Argument(..., help="Index folder."),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Totals, FAISS index types and the last builds."""
+    from index.engine import stats
+
+    info = stats(index, db_url=db)
+    if json_out:
+        _emit_json(info)
+        return
+    t = Table(title=f"index {index}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    for k, v in info["totals"].items():
+        t.add_row(k, str(v))
+    for kind, f in info["faiss"].items():
+        t.add_row(f"{kind} index", f"{f.get('n')} × {f.get('factory')}")
+    t.add_row("model", f"{str(info['model_sha256'])[:12]} {info.get('model_source') or ''}")
+    console.print(t)
+
+
+# ----------------------------------------------------------------------------------------- search
+def _print_hits(title: str, hits: List[Any]) -> None:
+    t = Table(title=title)
+    for col in ("#", "score", "view", "date", "sex/age", "study", "report"):
+        t.add_column(col, overflow="fold")
+    for h in hits:
+        text = h.section_text if h.section_text else h.report_excerpt
+        age = "" if h.age is None else str(int(h.age))
+        t.add_row(str(h.rank), f"{h.score:.3f}", h.view or "", h.study_date or "", f"{h.sex or ''} {age}".strip(),
+                  h.study_uid[-16:], (f"[{h.section_kind}] " if h.section_kind else "") + (text or "")[:160])
+    Console().print(t)
+
+
+def _finish(kind: str, query: str, hits: List[Any], json_out: bool, html_out: Optional[Path],
+            query_image: Optional[Path] = None) -> None:
+    if html_out is not None:
+        from index.html import write_gallery
+
+        write_gallery(html_out, f"cxr-search {kind} query", query, hits, query_image=query_image)
+    if json_out:
+        _emit_json({"query": query, "kind": kind, "hits": [h.to_dict() for h in hits],
+                    "html": str(html_out) if html_out else None})
+    else:
+        _print_hits(f"{kind}: {query}", hits)
+        if html_out is not None:
+            console.print(f"gallery: {html_out}")
+
+
+@search_app.command("text")
+def search_text(
+    query: str = typer.Argument(..., help="A description, e.g. 'large right pleural effusion'."),
+    index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer"),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of hits."),
+    level: str = typer.Option("image", "--level", help="image or study."),
+    filters: List[str] = typer.Option([], "--filter", help="view=PA, sex=F, age=40-60, since=DATE, until=DATE, modality=DX."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only studies on or after this date (YYYY-MM-DD)."),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    device: str = typer.Option("auto", "--device"),
+    json_out: bool = typer.Option(False, "--json"),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a page with thumbnails of the hits."),
+) -> None:
+    """Images (or studies) that match a description."""
+    from index.search import Searcher, parse_filters
+
+    f = parse_filters(filters, since=since)
+    if not query.strip():
+        raise ConfigError("empty query; type a description such as 'large right pleural effusion'")
+    searcher = Searcher(index, _load(model, tokenizer, need_text=True), db_url=db, device=device)
+    try:
+        hits = searcher.search_text(query, k=k, level=level, filters=f)
+    finally:
+        searcher.close()
+    _finish("text", query, hits, json_out, html_out)
+
+
+@search_app.command("image")
+def search_image(
+    image: Path = typer.Argument(..., help="Query image: DICOM (any name) or PNG/JPEG."),
+    index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer"),
+    k: int = typer.Option(10, "-k", "--k", min=1),
+    returns: str = typer.Option("reports", "--return", help="reports (report sections), images or studies."),
+    filters: List[str] = typer.Option([], "--filter", help="view=PA, sex=F, age=40-60, since=DATE, until=DATE."),
+    since: Optional[str] = typer.Option(None, "--since"),
+    include_same_patient: bool = typer.Option(False, "--include-same-patient", help="Do not exclude the query's own patient and study."),
+    db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
+    device: str = typer.Option("auto", "--device"),
+    json_out: bool = typer.Option(False, "--json"),
+    html_out: Optional[Path] = typer.Option(None, "--html"),
+) -> None:
+    """Report sections, similar images or similar studies for an image."""
+    from index.search import Searcher, parse_filters
+
+    f = parse_filters(filters, since=since)
+    searcher = Searcher(index, _load(model, tokenizer, need_text=False), db_url=db, device=device)
+    try:
+        hits = searcher.search_image(image, k=k, returns=returns, filters=f, include_same_patient=include_same_patient)
+    finally:
+        searcher.close()
+    _finish(f"image→{returns}", str(image), hits, json_out, html_out, query_image=image)
+
+
+__all__ = ["index_app", "search_app"]

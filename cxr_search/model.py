@@ -226,7 +226,10 @@ class CXRClip(nn.Module):
         """Embed texts; returns float32 ``[N, D]`` with L2-normalised rows.
 
         Texts are sorted by length before batching so padding stays short (padding does not
-        change results: attention masks it and the pooling ignores it).
+        change results: attention masks it and the pooling ignores it). ``precision`` is as for
+        :meth:`embed_images`, plus ``int8``: a dynamically int8-quantised copy of the text encoder on
+        CPU (about 3x faster for single queries, cosine to fp32 >= 0.999; see
+        :meth:`_embed_texts_int8`).
 
         Raises:
             TokenizerError: The model has no tokenizer.
@@ -235,6 +238,8 @@ class CXRClip(nn.Module):
         if isinstance(texts, str):
             texts = [texts]
         dev = resolve_device(device)
+        if precision == "int8":
+            return self._embed_texts_int8(texts, tok, batch_size, dev, progress)
         precision = resolve_precision(precision, dev)
         out = np.zeros((len(texts), self.config.embed_dim), dtype=np.float32)
         if not len(texts):
@@ -250,6 +255,46 @@ class CXRClip(nn.Module):
                 out[idx] = emb.float().cpu().numpy()
                 bar.update(len(idx))
         return out
+
+    def _embed_texts_int8(self, texts: Sequence[str], tok: TextTokenizer, batch_size: int, dev: torch.device,
+                          progress: bool) -> np.ndarray:
+        """``embed_texts`` through a dynamically int8-quantised copy of the text encoder (CPU only).
+
+        A single short query through BERT-base reads all 340 MB of fp32 weights for a few dozen
+        tokens, so on CPU it is bound by memory bandwidth; int8 weights cut that 4x (measured on 2
+        AVX2 cores: 87 -> 28 ms per query, cosine to fp32 >= 0.999). An approximation, like ANN search:
+        for interactive queries, not for building indices.
+        """
+        if dev.type != "cpu":
+            raise ConfigError("int8 text encoding runs on CPU; use fp32, bf16 or auto on a GPU")
+        encoder = self._int8_text_encoder()
+        out = np.zeros((len(texts), self.config.embed_dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        with torch.inference_mode(), _progress(progress, len(texts), "texts") as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = tok([texts[i] for i in idx])
+                emb = encoder(batch["input_ids"], batch["attention_mask"])  # [B, D]
+                out[idx] = F.normalize(emb.float(), dim=-1).numpy()
+                bar.update(len(idx))
+        return out
+
+    def _int8_text_encoder(self) -> nn.Module:
+        """The quantised text encoder, rebuilt whenever the text weights changed since it was made."""
+        params = list(self.text_tower.parameters()) + list(self.text_projection.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = self.__dict__.get("_int8_text")  # not a submodule: stays out of state_dict()
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        import copy
+        import warnings
+
+        encoder = _TextEncoder(copy.deepcopy(self.text_tower).cpu(), copy.deepcopy(self.text_projection).cpu()).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notice (torchao is its successor)
+            quantised = torch.ao.quantization.quantize_dynamic(encoder, {nn.Linear}, dtype=torch.qint8)
+        self.__dict__["_int8_text"] = (key, quantised)
+        return quantised
 
     _channels_last: bool = False
 
@@ -272,6 +317,18 @@ class CXRClip(nn.Module):
             "projections": count(self.image_projection) + count(self.text_projection),
             "total": count(self),
         }
+
+
+class _TextEncoder(nn.Module):
+    """Text tower + projection as one module (what int8 quantisation copies)."""
+
+    def __init__(self, tower: nn.Module, projection: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+        self.projection = projection
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.tower(input_ids, attention_mask))  # [B, D]
 
 
 class _ImageListDataset(torch.utils.data.Dataset):

@@ -197,6 +197,7 @@ def search_text(
     since: Optional[str] = typer.Option(None, "--since", help="Only studies on or after this date (YYYY-MM-DD)."),
     db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
     device: str = typer.Option("auto", "--device"),
+    query_precision: str = typer.Option("auto", "--query-precision", help="Query text encoder: auto (int8 on CPU), int8, fp32, bf16, fp16."),
     json_out: bool = typer.Option(False, "--json"),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write a page with thumbnails of the hits."),
 ) -> None:
@@ -206,7 +207,8 @@ def search_text(
     f = parse_filters(filters, since=since)
     if not query.strip():
         raise ConfigError("empty query; type a description such as 'large right pleural effusion'")
-    searcher = Searcher(index, _load(model, tokenizer, need_text=True), db_url=db, device=device)
+    searcher = Searcher(index, _load(model, tokenizer, need_text=True), db_url=db, device=device,
+                        text_precision=query_precision)
     try:
         hits = searcher.search_text(query, k=k, level=level, filters=f)
     finally:

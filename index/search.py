@@ -19,7 +19,7 @@ import numpy as np
 from sqlalchemy import and_, exists, select
 
 from cxr_search.errors import ConfigError, InputFileError
-from cxr_search.model import CXRClip
+from cxr_search.model import CXRClip, resolve_device
 from index.engine import IndexDir, model_identity
 from index.store import EMBEDDED, Image, Patient, Section, Study, chunks
 
@@ -126,17 +126,24 @@ class Searcher:
         model: The model (its fingerprint and preprocessing must equal the index's).
         db_url: Store URL when it is not the one recorded in the index.
         device: Device for the query encoders.
+        text_precision: Precision of the query text encoder: ``auto`` (int8 on CPU, where a single
+            query is bound by reading BERT's fp32 weights; the device's best float precision on a
+            GPU), ``int8``, ``fp32``, ``bf16``, ``fp16``. The index itself is always built in the
+            precision given to ``index build``.
 
     Raises:
         SearchIndexError: Missing or corrupt index files, or a model mismatch.
     """
 
     def __init__(self, index_dir: Union[str, Path], model: CXRClip, *, db_url: Optional[str] = None,
-                 device: Optional[str] = None) -> None:
+                 device: Optional[str] = None, text_precision: str = "auto") -> None:
         self.index = IndexDir.open(index_dir, db_url=db_url)
         self.index.check_model(model_identity(model))
         self.model = model
         self.device = device
+        if text_precision == "auto":
+            text_precision = "int8" if resolve_device(device).type == "cpu" else "auto"
+        self.text_precision = text_precision
         for kind in ("image", "section", "study"):
             # Load now, so that a missing or corrupt file fails here and not at the first query;
             # large (IVF) indices are copied to the GPU when FAISS sees one.
@@ -159,7 +166,7 @@ class Searcher:
         _check_k(k)
         if level not in LEVELS:
             raise ConfigError(f"unknown level {level!r}; use image or study")
-        vec = self.model.embed_texts([query.strip()], device=self.device)  # [1, D]
+        vec = self.model.embed_texts([query.strip()], device=self.device, precision=self.text_precision)  # [1, D]
         kind = "image" if level == "image" else "study"
         return self._search(vec, kind, k, filters or Filters(), excluded_studies=set())
 
@@ -295,7 +302,8 @@ class Searcher:
                 rows = {r.Study.id: r for r in s.execute(select(Study).where(Study.id.in_(ids)))}
                 study_ids = set(ids)
             excerpts = _excerpts(s, study_ids)
-            images = _study_images(s, study_ids)
+            # Image hits carry their own file; the other kinds list their study's images.
+            images = _study_images(s, study_ids) if kind != "image" else {}
         hits: List[Hit] = []
         for rank, (score, rid) in enumerate(pairs, start=1):
             row = rows.get(rid)
@@ -306,7 +314,7 @@ class Searcher:
                       study_date=st.study_date.isoformat() if st.study_date else None, sex=st.sex, age=st.age_years,
                       report_excerpt=excerpts.get(st.id, ""))
             study_imgs = [{**im, "path": sec.decrypt_path(im.pop("path_enc"))} for im in
-                          (dict(x) for x in images.get(st.id, []))]
+                          (dict(x) for x in images.get(st.id, []))] if kind != "image" else []
             if kind == "image":
                 im = row.Image
                 hit.image_id, hit.sop_uid, hit.view = im.id, im.sop_uid, im.view

@@ -190,3 +190,18 @@ def test_dicom_input_goes_through_the_photometric_chain(tmp_path):
     copy = tmp_path / "IM0001"
     copy.write_bytes(Path(src).read_bytes())
     np.testing.assert_allclose(model.embed_images([copy]), got, atol=1e-6)
+
+
+def test_int8_query_encoder_is_close_to_fp32_and_tracks_weights():
+    model = create_model("tiny")
+    texts = ["large right pleural effusion", "no acute cardiopulmonary process", "enlarged heart"] * 3
+    fp32 = model.embed_texts(texts, device="cpu")
+    int8 = model.embed_texts(texts, device="cpu", precision="int8")
+    assert int8.dtype == np.float32 and np.allclose(np.linalg.norm(int8, axis=1), 1, atol=1e-5)
+    assert float((fp32 * int8).sum(1).min()) > 0.999
+    assert not any("int8" in k for k in model.state_dict())  # the cached copy is not part of the model
+    with torch.no_grad():  # changing the weights in place rebuilds the quantised copy
+        model.text_projection.weight.mul_(-1)
+    flipped = model.embed_texts(texts, device="cpu", precision="int8")
+    assert float((flipped * model.embed_texts(texts, device="cpu")).sum(1).min()) > 0.999
+    assert float((flipped * int8).sum(1).max()) < 0.5

@@ -44,7 +44,7 @@ def built(request, pacs_archive: Path, tiny_model, tmp_path_factory: pytest.Temp
 
 @pytest.fixture()
 def searcher(built, tiny_model):
-    s = Searcher(built[0], tiny_model, db_url=built[1])
+    s = Searcher(built[0], tiny_model, db_url=built[1], text_precision="fp32")  # exactness tests
     yield s
     s.close()
 

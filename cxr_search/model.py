@@ -199,20 +199,34 @@ class CXRClip(nn.Module):
         out = np.zeros((len(items), self.config.embed_dim), dtype=np.float32)
         if not len(items):
             return out
-        self._prepare(dev)
         batches = _image_batches(items, self.config, batch_size, num_workers)
         done = 0
-        with torch.inference_mode(), _progress(progress, len(items), "images") as bar:
+        with _progress(progress, len(items), "images") as bar:
             for pixels in batches:
-                pixels = pixels.to(dev, non_blocking=True)  # [B, 3, H, W]
-                if self._channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                with autocast_context(dev, precision):
-                    emb = self.encode_image(pixels)  # [B, D]
-                out[done : done + len(emb)] = emb.float().cpu().numpy()
+                emb = self.embed_pixels(pixels, device=dev, precision=precision)  # [B, D]
+                out[done : done + len(emb)] = emb
                 done += len(emb)
                 bar.update(len(emb))
         return out
+
+    def embed_pixels(
+        self, pixels: torch.Tensor, *, device: Optional[Union[str, torch.device]] = None, precision: str = "fp32"
+    ) -> np.ndarray:
+        """Embed one batch of preprocessed images ``[B, 3, H, W]`` (the eval transform's output).
+
+        The model step of :meth:`embed_images`, for pipelines that read and preprocess images
+        themselves. Returns float32 ``[B, D]`` with L2-normalised rows.
+        """
+        dev = resolve_device(device)
+        precision = resolve_precision(precision, dev)
+        self._prepare(dev)
+        with torch.inference_mode():
+            pixels = pixels.to(dev, non_blocking=True)  # [B, 3, H, W]
+            if self._channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            with autocast_context(dev, precision):
+                emb = self.encode_image(pixels)  # [B, D]
+            return emb.float().cpu().numpy()
 
     def embed_texts(
         self,
@@ -229,7 +243,7 @@ class CXRClip(nn.Module):
         change results: attention masks it and the pooling ignores it). ``precision`` is as for
         :meth:`embed_images`, plus ``int8``: a dynamically int8-quantised copy of the text encoder on
         CPU (about 3x faster for single queries, cosine to fp32 >= 0.999; see
-        :meth:`_embed_texts_int8`).
+        :meth:`_int8_text_encoder`).
 
         Raises:
             TokenizerError: The model has no tokenizer.
@@ -238,49 +252,40 @@ class CXRClip(nn.Module):
         if isinstance(texts, str):
             texts = [texts]
         dev = resolve_device(device)
-        if precision == "int8":
-            return self._embed_texts_int8(texts, tok, batch_size, dev, progress)
-        precision = resolve_precision(precision, dev)
         out = np.zeros((len(texts), self.config.embed_dim), dtype=np.float32)
-        if not len(texts):
-            return out
-        self._prepare(dev)
+        if precision == "int8":
+            if dev.type != "cpu":
+                raise ConfigError("int8 text encoding runs on CPU; use fp32, bf16 or auto on a GPU")
+            encoder = self._int8_text_encoder()
+            context: Any = contextlib.nullcontext
+            encode: Any = lambda ids, mask: F.normalize(encoder(ids, mask).float(), dim=-1)  # noqa: E731
+        else:
+            precision = resolve_precision(precision, dev)
+            if not len(texts):
+                return out
+            self._prepare(dev)
+            context = lambda: autocast_context(dev, precision)  # noqa: E731
+            encode = lambda ids, mask: self.encode_text(ids.to(dev), mask.to(dev))  # noqa: E731
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         with torch.inference_mode(), _progress(progress, len(texts), "texts") as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 batch = tok([texts[i] for i in idx])
-                with autocast_context(dev, precision):
-                    emb = self.encode_text(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))  # [B, D]
+                with context():
+                    emb = encode(batch["input_ids"], batch["attention_mask"])  # [B, D]
                 out[idx] = emb.float().cpu().numpy()
                 bar.update(len(idx))
         return out
 
-    def _embed_texts_int8(self, texts: Sequence[str], tok: TextTokenizer, batch_size: int, dev: torch.device,
-                          progress: bool) -> np.ndarray:
-        """``embed_texts`` through a dynamically int8-quantised copy of the text encoder (CPU only).
-
-        A single short query through BERT-base reads all 340 MB of fp32 weights for a few dozen
-        tokens, so on CPU it is bound by memory bandwidth; int8 weights cut that 4x (measured on 2
-        AVX2 cores: 87 -> 28 ms per query, cosine to fp32 >= 0.999). An approximation, like ANN search:
-        for interactive queries, not for building indices.
-        """
-        if dev.type != "cpu":
-            raise ConfigError("int8 text encoding runs on CPU; use fp32, bf16 or auto on a GPU")
-        encoder = self._int8_text_encoder()
-        out = np.zeros((len(texts), self.config.embed_dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        with torch.inference_mode(), _progress(progress, len(texts), "texts") as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = tok([texts[i] for i in idx])
-                emb = encoder(batch["input_ids"], batch["attention_mask"])  # [B, D]
-                out[idx] = F.normalize(emb.float(), dim=-1).numpy()
-                bar.update(len(idx))
-        return out
-
     def _int8_text_encoder(self) -> nn.Module:
-        """The quantised text encoder, rebuilt whenever the text weights changed since it was made."""
+        """The int8 text encoder of ``embed_texts(precision="int8")``, rebuilt when the text weights change.
+
+        A dynamically int8-quantised copy of the text tower and projection. A single short query
+        through BERT-base reads all 340 MB of fp32 weights for a few dozen tokens, so on CPU it is
+        bound by memory bandwidth; int8 weights cut that 4x (measured on 2 AVX2 cores: 87 -> 28 ms
+        per query, cosine to fp32 >= 0.999). An approximation, like ANN search: for interactive
+        queries, not for building indices.
+        """
         params = list(self.text_tower.parameters()) + list(self.text_projection.parameters())
         key = tuple((p.data_ptr(), p._version) for p in params)
         cached = self.__dict__.get("_int8_text")  # not a submodule: stays out of state_dict()

@@ -10,7 +10,6 @@ ids removed, changed studies replaced), so a run killed at any point is repaired
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -24,12 +23,13 @@ from sqlalchemy import select, update
 
 from cxr_search.checkpoints import model_fingerprint
 from cxr_search.errors import SearchIndexError
+from cxr_search.fileio import write_json_atomic
 from cxr_search.model import CXRClip
 from index.ann import VectorIndex, build_index, choose_factory
 from index.ingest import CatalogueResult, catalogue
 from index.pipeline import StageTimes, embed_pending_images, embed_pending_sections
 from index.privacy import IndexSecret
-from index.store import Build, Patient, Store, Study, default_url, reorder
+from index.store import Build, Patient, Store, Study, default_url, reorder, safe_url, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ FAISS_FILES = {"image": "images.faiss", "section": "sections.faiss", "study": "s
 # An exact index is rebuilt as an ANN one once it holds this many times the exact threshold, and
 # an ANN index is retrained when it has grown this much since training (its clusters go stale).
 _REBUILD_GROWTH = 2.0
-
-
-def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
 
 
 def model_identity(model: CXRClip) -> Dict[str, Any]:
@@ -115,8 +111,8 @@ class IndexDir:
                 raise SearchIndexError(f"{root}: folder is not empty and holds no index; give a new or empty folder")
         root.mkdir(parents=True, exist_ok=True)
         url = db_url or os.environ.get("CXR_SEARCH_DB_URL") or default_url(root)
-        meta = {"format": FORMAT, **ident, "store_url": None if url == default_url(root) else _url_for_meta(url),
-                "created": _now().isoformat(timespec="seconds"), "indices": {}}
+        meta = {"format": FORMAT, **ident, "store_url": None if url == default_url(root) else safe_url(url),
+                "created": utcnow().isoformat(timespec="seconds"), "indices": {}}
         secret = IndexSecret.load_or_create(root, create=True)
         idx = cls(root, meta, Store(url, create=True), secret)
         idx.save_meta()
@@ -139,7 +135,7 @@ class IndexDir:
 
     def save_meta(self) -> None:
         """Write ``index.json`` atomically."""
-        _atomic_write_text(self.root / META_FILE, json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(self.root / META_FILE, self.meta, sort_keys=True)
 
     def close(self) -> None:
         """Release the store's connections."""
@@ -163,18 +159,18 @@ class IndexDir:
             self._indices[kind] = VectorIndex.load(path)
         return self._indices[kind]
 
-    def study_vectors(self, study_ids: Sequence[int]) -> tuple:
-        """(study ids, normalised mean image vectors) of studies with embedded images."""
+    def study_vectors(self, study_ids: Optional[Sequence[int]]) -> tuple:
+        """(study ids, normalised mean image vectors) of studies with embedded images (all when None)."""
         dim = int(self.meta["embed_dim"])
         members = self.store.study_image_ids(study_ids)
         sids = sorted(members)
         out = np.zeros((len(sids), dim), dtype=np.float32)
-        all_ids = [i for s in sids for i in members[s]]
-        ids, vecs = self.store.load_vectors("image", all_ids, dim)
-        row_of = {int(i): r for r, i in enumerate(ids)}
+        vecs = self.store.vectors_in_order("image", [i for s in sids for i in members[s]], dim)  # study by study
+        start = 0
         for k, sid in enumerate(sids):
-            mean = vecs[[row_of[i] for i in members[sid]]].mean(axis=0)  # [D]
+            mean = vecs[start : start + len(members[sid])].mean(axis=0)  # [D]
             out[k] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+            start += len(members[sid])
         return np.asarray(sids, dtype=np.int64), out
 
     def fetch_vectors(self, kind: str, ids: np.ndarray) -> np.ndarray:
@@ -193,7 +189,8 @@ class IndexDir:
             return np.asarray(sorted(self.store.study_image_ids()), dtype=np.int64)
         return self.store.vector_ids(kind)
 
-    def _vectors(self, kind: str, ids: Sequence[int]) -> tuple:
+    def _vectors(self, kind: str, ids: Optional[Sequence[int]]) -> tuple:
+        """(ids, vectors) of ``kind``, sorted by id: those of ``ids``, or all when None."""
         if kind == "study":
             return self.study_vectors(ids)
         return self.store.load_vectors(kind, ids, int(self.meta["embed_dim"]))
@@ -205,7 +202,7 @@ class IndexDir:
         for kind in KINDS:
             facts[kind] = self._sync_kind(kind, factory=factory, bytes_per_vector=bytes_per_vector, rebuild=rebuild)
         self.meta["indices"] = facts
-        self.meta["updated"] = _now().isoformat(timespec="seconds")
+        self.meta["updated"] = utcnow().isoformat(timespec="seconds")
         self.save_meta()
         return facts
 
@@ -233,7 +230,7 @@ class IndexDir:
             # Nothing to index yet (for instance an archive without reports): an empty exact index.
             current, info, changed = VectorIndex.create(dim, "Flat"), {"factory": "Flat", "trained_n": 0}, 0
         elif current is None or stale:
-            ids, vecs = self._vectors(kind, desired) if kind == "study" else self.store.load_vectors(kind, None, dim)
+            ids, vecs = self._vectors(kind, None)
             # factory=None lets build_index rank the candidate factories on a sample of these vectors.
             current, info = build_index(vecs, ids, factory=factory, bytes_per_vector=bytes_per_vector)
             info = {**info, "trained_n": int(len(ids)), "rebuilt": True}
@@ -288,22 +285,6 @@ class IndexDir:
         return {k: len(v) for k, v in removed.items()}
 
 
-def _url_for_meta(url: str) -> str:
-    """The store URL without its password (give it again with --db or CXR_SEARCH_DB_URL)."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class BuildOptions:
     """Options of ``index build`` / ``index add``."""
@@ -335,7 +316,7 @@ def build(archive: Union[str, Path], index_dir: Union[str, Path], model: CXRClip
         before = idx.store.counts()
         with idx.store.session() as s:
             run = Build(command=command, model_sha256=idx.meta["model_sha256"], preprocessing=idx.meta["preprocessing"],
-                        created=_now())
+                        created=utcnow())
             s.add(run)
         timings: Dict[str, Any] = {}
         t0 = time.perf_counter()
@@ -356,7 +337,7 @@ def build(archive: Union[str, Path], index_dir: Union[str, Path], model: CXRClip
             row = s.get(Build, run.id)
             row.factories = {k: v.get("factory") for k, v in facts.items()}
             row.counts = after
-            row.finished = _now()
+            row.finished = utcnow()
         return {
             "index": str(Path(index_dir)),
             "totals": {k: after[k] for k in ("images", "studies", "sections", "failed")},

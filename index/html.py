@@ -11,11 +11,11 @@ import base64
 import html
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from cxr_search.config import PreprocessConfig
+from cxr_search.fileio import write_text_atomic
 from cxr_search.transforms import load_image
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,6 @@ def _card(hit: Any) -> str:
 def write_gallery(out: Union[str, Path], title: str, query: str, hits: Sequence[Any],
                   query_image: Optional[Union[str, Path]] = None) -> Path:
     """Write the page (atomically) and return its path."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     head = ""
     if query_image is not None:
         uri = thumbnail_data_uri(query_image)
@@ -71,7 +69,5 @@ def write_gallery(out: Union[str, Path], title: str, query: str, hits: Sequence[
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}: <span class='q'>{html.escape(query)}</span>"
             f"</h1>{head}<div class='grid'>{cards}</div></body></html>\n")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    write_text_atomic(out, page)
+    return Path(out)

@@ -17,7 +17,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -124,39 +124,34 @@ class Cataloguer:
         self.result = CatalogueResult()
 
     # ------------------------------------------------------------------------------ upserts
-    def _patient(self, s: Session, source: str) -> int:
-        key = self.secret.patient_key(source)
-        pid = self.ids.patients.get(key)
-        if pid is None:
-            row = Patient(pseudo_id=key)
+    @staticmethod
+    def _get_or_add(s: Session, cache: Dict[str, int], key: str, make: Callable[[], Any]) -> int:
+        """Primary key of the row cached under ``key``, inserting ``make()`` when there is none."""
+        rid = cache.get(key)
+        if rid is None:
+            row = make()
             s.add(row)
-            s.flush()
-            pid = self.ids.patients[key] = row.id
-        return pid
+            s.flush()  # assigns the primary key
+            rid = cache[key] = row.id
+        return rid
 
     def _study(self, s: Session, item: _Item) -> int:
-        sid = self.ids.studies.get(item.study_uid)
-        if sid is None:
-            row = Study(
-                study_uid=item.study_uid, patient_id=self._patient(s, item.patient_source), study_date=item.study_date,
-                age_years=item.age, sex=item.sex if item.sex in _SEXES else None,
+        def make() -> Study:
+            key = self.secret.patient_key(item.patient_source)
+            patient_id = self._get_or_add(s, self.ids.patients, key, lambda: Patient(pseudo_id=key))
+            return Study(
+                study_uid=item.study_uid, patient_id=patient_id, study_date=item.study_date, age_years=item.age,
+                sex=item.sex if item.sex in _SEXES else None,
                 accession_key=self.secret.accession_key(item.accession) if item.accession else None,
             )
-            s.add(row)
-            s.flush()
-            sid = self.ids.studies[item.study_uid] = row.id
-        return sid
+
+        return self._get_or_add(s, self.ids.studies, item.study_uid, make)
 
     def _series(self, s: Session, item: _Item, study_id: int) -> Optional[int]:
         if not item.series_uid:
             return None
-        rid = self.ids.series.get(item.series_uid)
-        if rid is None:
-            row = Series(series_uid=item.series_uid, study_id=study_id, modality=item.modality)
-            s.add(row)
-            s.flush()
-            rid = self.ids.series[item.series_uid] = row.id
-        return rid
+        return self._get_or_add(s, self.ids.series, item.series_uid,
+                                lambda: Series(series_uid=item.series_uid, study_id=study_id, modality=item.modality))
 
     def add_image(self, s: Session, item: _Item) -> None:
         """Insert one image (a SOPInstanceUID already present is counted as a duplicate)."""

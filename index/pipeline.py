@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sqlalchemy import select, update
 
-from cxr_search.model import CXRClip, autocast_context, resolve_device, resolve_precision
+from cxr_search.model import CXRClip, resolve_device, resolve_precision
 from cxr_search.transforms import preprocess_item
 from index.privacy import IndexSecret, scrub_path
 from index.store import EMBEDDED, FAILED, PENDING, Image, ImageVector, Section, SectionVector, Store, Study, vector_bytes
@@ -105,7 +105,6 @@ def embed_pending_images(
         return times
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
-    model._prepare(dev)
     loader = torch.utils.data.DataLoader(
         _PendingImages(items, model.config.preprocess), batch_size=batch_size, num_workers=num_workers,
         collate_fn=_collate, worker_init_fn=_worker_init if num_workers > 0 else None,
@@ -115,29 +114,24 @@ def embed_pending_images(
 
     bar = tqdm(total=len(items), desc="embedding images", unit="image", disable=not progress)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for ids, pixels, bad in loader:
-            t1 = time.perf_counter()
-            times.read_s += t1 - t0
-            vectors = np.zeros((0, model.config.embed_dim), dtype=np.float32)
-            if pixels is not None:
-                pixels = pixels.to(dev, non_blocking=True)  # [B, 3, H, W]
-                if model._channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                with autocast_context(dev, precision):
-                    vectors = model.encode_image(pixels).float().cpu().numpy()  # [B, D]
-            t2 = time.perf_counter()
-            times.model_s += t2 - t1
-            _write_image_batch(store, secret, ids, vectors, bad, times)
-            t0 = time.perf_counter()
-            times.write_s += t0 - t2
-            bar.update(len(ids) + len(bad))
+    for ids, pixels, bad in loader:
+        t1 = time.perf_counter()
+        times.read_s += t1 - t0
+        vectors = np.zeros((0, model.config.embed_dim), dtype=np.float32)
+        if pixels is not None:
+            vectors = model.embed_pixels(pixels, device=dev, precision=precision)  # [B, D]
+        t2 = time.perf_counter()
+        times.model_s += t2 - t1
+        _write_image_batch(store, ids, vectors, bad, times)
+        t0 = time.perf_counter()
+        times.write_s += t0 - t2
+        bar.update(len(ids) + len(bad))
     bar.close()
     return times
 
 
-def _write_image_batch(store: Store, secret: IndexSecret, ids: List[int], vectors: np.ndarray,
-                       bad: List[Tuple[int, str]], times: StageTimes) -> None:
+def _write_image_batch(store: Store, ids: List[int], vectors: np.ndarray, bad: List[Tuple[int, str]],
+                       times: StageTimes) -> None:
     with store.session() as s:
         if ids:
             s.add_all([ImageVector(image_id=i, vector=vector_bytes(v)) for i, v in zip(ids, vectors)])

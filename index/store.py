@@ -181,6 +181,17 @@ class Failure(Base):
 
 Index("ix_images_study_view", Image.study_id, Image.view)
 
+#: kind -> (row table, vector table, the vector table's id column)
+VECTOR_TABLES = {
+    "image": (Image, ImageVector, ImageVector.image_id),
+    "section": (Section, SectionVector, SectionVector.section_id),
+}
+
+
+def utcnow() -> _dt.datetime:
+    """Naive UTC now (what the DateTime columns hold, on every backend)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
 
 def default_url(index_dir: Path) -> str:
     """SQLite file inside the index folder."""
@@ -216,18 +227,18 @@ def open_engine(url: str, *, create: bool) -> Engine:
                 s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                 s.commit()
             elif row is None:
-                raise SearchIndexError(f"{_safe_url(url)}: not a cxr-search store; build the index first (cxr-search index build)")
+                raise SearchIndexError(f"{safe_url(url)}: not a cxr-search store; build the index first (cxr-search index build)")
             elif int(row.value) != SCHEMA_VERSION:
                 raise SearchIndexError(
-                    f"{_safe_url(url)}: store schema version {row.value}, this cxr-search reads {SCHEMA_VERSION}; rebuild the index"
+                    f"{safe_url(url)}: store schema version {row.value}, this cxr-search reads {SCHEMA_VERSION}; rebuild the index"
                 )
     except SQLAlchemyError as exc:
-        raise SearchIndexError(f"{_safe_url(url)}: cannot open the store: {exc.__class__.__name__}: {exc}") from exc
+        raise SearchIndexError(f"{safe_url(url)}: cannot open the store: {exc.__class__.__name__}: {exc}") from exc
     return engine
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages and ``index.json`` (give it again with --db)."""
     try:
         from sqlalchemy.engine import make_url
 
@@ -313,14 +324,14 @@ class Store:
     # ------------------------------------------------------------------------------ vectors
     def vector_ids(self, kind: str) -> np.ndarray:
         """Sorted ids of all stored vectors of ``kind`` (``image`` or ``section``)."""
-        col = ImageVector.image_id if kind == "image" else SectionVector.section_id
+        col = VECTOR_TABLES[kind][2]
         with self.session() as s:
             ids = s.scalars(select(col).order_by(col)).all()
         return np.asarray(ids, dtype=np.int64)
 
     def load_vectors(self, kind: str, ids: Optional[Sequence[int]], dim: int) -> Tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of ``kind``: all of them (``ids=None``) or those listed, sorted by id."""
-        table, col = (ImageVector, ImageVector.image_id) if kind == "image" else (SectionVector, SectionVector.section_id)
+        _, table, col = VECTOR_TABLES[kind]
         out_ids: List[int] = []
         blobs: List[bytes] = []
         with self.session() as s:
@@ -388,14 +399,14 @@ class Store:
         """Record (or update) why a file could not be indexed."""
         row = s.scalar(select(Failure).where(Failure.path_key == path_key))
         if row is None:
-            s.add(Failure(path_key=path_key, path_enc=path_enc, stage=stage, reason=reason[:2000],
-                          created=_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)))
+            s.add(Failure(path_key=path_key, path_enc=path_enc, stage=stage, reason=reason[:2000], created=utcnow()))
         else:
             row.stage, row.reason = stage, reason[:2000]
 
 
 __all__ = [
     "Base", "Build", "EMBEDDED", "FAILED", "Failure", "Image", "ImageVector", "Meta", "PENDING", "Patient",
-    "Report", "SCHEMA_VERSION", "Section", "SectionVector", "Series", "Store", "Study", "chunks", "reorder", "default_url",
+    "Report", "SCHEMA_VERSION", "Section", "SectionVector", "Series", "Store", "Study", "VECTOR_TABLES", "chunks",
+    "default_url", "reorder", "safe_url", "utcnow",
     "open_engine", "vector_bytes", "vectors_from_bytes",
 ]

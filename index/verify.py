@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from cxr_search.errors import SearchIndexError
 from index.engine import KINDS, IndexDir, model_identity
-from index.store import EMBEDDED, Build, Image, ImageVector, Section, SectionVector
+from index.store import EMBEDDED, VECTOR_TABLES, Build, Image
 
 logger = logging.getLogger(__name__)
 _EXAMPLES = 5
@@ -42,10 +42,9 @@ def verify(index_dir: Union[str, Path], *, model: Any = None, deep: bool = False
     try:
         store = idx.store
         with store.session() as s:
-            for kind, table, vec_table, vec_col in (("image", Image, ImageVector, ImageVector.image_id),
-                                                    ("section", Section, SectionVector, SectionVector.section_id)):
+            for kind, (table, _, _) in VECTOR_TABLES.items():
                 rows = np.asarray(s.scalars(select(table.id).where(table.status == EMBEDDED)).all(), dtype=np.int64)
-                vecs = np.asarray(s.scalars(select(vec_col)).all(), dtype=np.int64)
+                vecs = store.vector_ids(kind)
                 if len(np.setdiff1d(rows, vecs)):
                     problems.append(_ids_problem(kind, "embedded row without a stored vector", np.setdiff1d(rows, vecs)))
                 if len(np.setdiff1d(vecs, rows)):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cxr_search.checkpoints import save_model
+from cxr_search.fileio import write_json_atomic
 from cxr_search.errors import CheckpointError
 from cxr_search.model import CXRClip
 
@@ -38,21 +39,6 @@ __all__ = ["capture_rng", "latest_checkpoint", "load_state", "restore_rng", "sav
 
 STATE_FILE = "state.pt"
 LATEST_FILE = "latest.json"
-
-
-def write_json_atomic(path: Union[str, Path], data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def capture_rng() -> Dict[str, Any]:

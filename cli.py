@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_search.errors import CxrSearchError, InputFileError
+from index.bench.commands import bench_app
 from index.commands import index_app, search_app
 from train.commands import train_app
 
@@ -38,6 +39,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(index_app, name="index")
 app.add_typer(search_app, name="search")
+app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}

@@ -1,14 +1,19 @@
 """Retrieval metrics computed from similarity matrices, in batches.
 
 Ranks are 1-based and pessimistic on ties: a positive tied with k negatives is ranked after them,
-so a constant model cannot look good.
+so a constant model cannot look good. Scores within :data:`TIE_TOL` count as tied: identical vectors
+(a duplicated report text) can score a few float32 ulps apart depending on where a matrix product
+puts them in its SIMD lanes, and a tie must not depend on that.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, Iterable, Sequence
+from typing import Dict, Hashable, Iterable, List, Sequence, Tuple
 
 import numpy as np
+
+#: Scores closer than this to the best positive's count as tied with it (float32 products of unit vectors).
+TIE_TOL = 1e-6
 
 
 def positive_ranks(queries: np.ndarray, candidates: np.ndarray, positives: Sequence[Iterable[int]],
@@ -37,7 +42,7 @@ def positive_ranks(queries: np.ndarray, candidates: np.ndarray, positives: Seque
             # Pessimistic ties: every non-positive scoring >= the best positive ranks above it.
             mask = np.ones(len(c), dtype=bool)
             mask[pos] = False
-            ranks[i] = 1 + int(np.count_nonzero(sims[row, mask] >= best))
+            ranks[i] = 1 + int(np.count_nonzero(sims[row, mask] >= best - TIE_TOL))
     return ranks
 
 
@@ -81,3 +86,91 @@ def label_precision_at_k(queries: np.ndarray, candidates: np.ndarray, query_labe
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # [B, k]
         hits += int(np.count_nonzero(ci[top] == qi[start : start + batch_size, None]))
     return hits / (len(q) * k)
+
+
+def dedup_exact(texts: Sequence[str]) -> Tuple[List[str], np.ndarray]:
+    """De-duplicate texts by exact string, the reference retrieval protocol's candidate pool.
+
+    Args:
+        texts: One text per item (no normalisation: "Normal." and "normal." stay distinct, as in
+            the reference, which compares the strings it feeds the tokenizer).
+
+    Returns:
+        ``(unique, index)``: the distinct texts in order of first appearance and, for each input
+        text, the position of its string in ``unique`` (int64 ``[len(texts)]``).
+    """
+    position: Dict[str, int] = {}
+    index = np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        index[i] = position.setdefault(text, len(position))
+    return list(position), index
+
+
+def ranks_from_scores(scores: np.ndarray, ids: np.ndarray, positives: Sequence[Iterable[int]]) -> np.ndarray:
+    """Best positive rank per query from a full ranking returned by a search engine.
+
+    The same pessimistic tie rule as :func:`positive_ranks`: every non-positive whose score is >= the
+    best positive's (less :data:`TIE_TOL`) ranks above it, whatever order the engine returned tied items in.
+
+    Args:
+        scores: ``[Q, C]`` scores of each query's returned candidates (all ``C`` of them).
+        ids: ``[Q, C]`` candidate ids matching ``scores``.
+        positives: For each query, the ids of its positive candidates (at least one).
+
+    Returns:
+        int64 ``[Q]`` ranks, 1 = the top candidate.
+
+    Raises:
+        ValueError: A query without a positive, or whose positives are not among the returned ids.
+    """
+    ranks = np.empty(len(scores), dtype=np.int64)
+    for i in range(len(scores)):
+        pos = np.fromiter(positives[i], dtype=np.int64)
+        if pos.size == 0:
+            raise ValueError(f"query {i} has no positive candidate")
+        is_pos = np.isin(ids[i], pos)
+        if not is_pos.any():
+            raise ValueError(f"query {i}: none of its positives was returned; search all candidates")
+        best = scores[i][is_pos].max()
+        ranks[i] = 1 + int(np.count_nonzero(scores[i][~is_pos] >= best - TIE_TOL))
+    return ranks
+
+
+def bootstrap_recall(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10), *, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95, chunk: int = 100) -> Dict[str, List[float]]:
+    """Percentile bootstrap confidence intervals of Recall@K and the mean rank.
+
+    Queries are resampled with replacement ``resamples`` times from ``numpy.random.default_rng(seed)``,
+    so the same ranks and seed give the same intervals on every machine.
+
+    Args:
+        ranks: ``[Q]`` ranks of the queries (the resampling unit).
+        ks: Cut-offs.
+        resamples: Number of bootstrap samples (0 = no intervals, an empty dict).
+        seed: Seed of the resampling.
+        level: Coverage of the interval (0.95 = the 2.5th and 97.5th percentiles).
+        chunk: Resamples drawn per step (memory bound: chunk x Q indices).
+
+    Returns:
+        ``{"R@1": [low, high], ..., "mean_rank": [low, high]}``.
+    """
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if resamples <= 0 or len(ranks) == 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    columns = {f"R@{k}": (ranks <= k).astype(np.float64) for k in ks}
+    columns["mean_rank"] = ranks
+    samples: Dict[str, List[np.ndarray]] = {name: [] for name in columns}
+    done = 0
+    while done < resamples:
+        n = min(chunk, resamples - done)
+        idx = rng.integers(0, len(ranks), size=(n, len(ranks)))  # [n, Q]
+        for name, values in columns.items():
+            samples[name].append(values[idx].mean(axis=1))
+        done += n
+    tail = (1.0 - level) / 2.0 * 100.0
+    out = {}
+    for name, parts in samples.items():
+        lo, hi = np.percentile(np.concatenate(parts), [tail, 100.0 - tail])
+        out[name] = [float(lo), float(hi)]
+    return out

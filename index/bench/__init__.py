@@ -1,0 +1,1 @@
+"""Benchmarks that others can reproduce: retrieval protocols, zero-shot classification, overlap, speed."""

@@ -1,0 +1,119 @@
+"""``cxr-search bench ...``: the Typer sub-app of the benchmarks (mounted by ``cli.py``).
+
+Each benchmark lives in its own module of :mod:`index.bench`; this file only parses options, calls it,
+and prints a table (or JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+bench_app = typer.Typer(help="Reproducible benchmarks: retrieval, zero-shot, overlap, speed.", no_args_is_help=True)
+
+MODEL_HELP = "Model: released CXR-CLIP file, our model directory, or preset."
+TOKENIZER_HELP = "Tokenizer directory (needed for released CXR-CLIP files)."
+
+
+def emit_json(data: Any) -> None:
+    """Write ``data`` as indented JSON on stdout (the machine-readable output of every bench command)."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def load_bench_model(model: str, tokenizer: Optional[Path], device: str = "auto") -> Any:
+    """Load a model for benchmarking (both towers; the tokenizer is required)."""
+    from cxr_search.checkpoints import load_model
+
+    return load_model(model, tokenizer=tokenizer, device=device,
+                      require_tokenizer=True)
+
+
+# ------------------------------------------------------------------------------- retrieval (lead)
+@bench_app.command("retrieval")
+def retrieval(
+    manifest: Path = typer.Argument(..., help="Manifest CSV (cxr-search data prepare)."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    protocol: str = typer.Option("cxr-clip", "--protocol", help="cxr-clip (the reference, image->text) or full."),
+    split: str = typer.Option("test", "--split", help="Manifest split to evaluate ('all' = every row)."),
+    ids: Optional[Path] = typer.Option(None, "--ids", help="evaluated_ids.csv of an earlier run: evaluate exactly those images."),
+    text_rule: str = typer.Option("auto", "--text-rule", help="auto (reference rule per dataset), longest, findings, impression, both."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for 95% intervals (full)."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for retrieval-<protocol>.json and evaluated_ids.csv."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write Recall@K curves to this PNG (needs the plot extra)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Recall@K of image->text (and text->image) retrieval on a manifest split, through the index engine."""
+    from cxr_search.datasets import read_manifest
+    from cxr_search.fileio import write_json_atomic
+    from index.bench.retrieval import (evaluate, evaluated_ids, read_ids, restrict_rows, select_studies,
+                                       write_ids)
+
+    rows = read_manifest(manifest, split=None if split == "all" else split)
+    if not rows:
+        from cxr_search.errors import DatasetError
+
+        present = sorted({r.split for r in read_manifest(manifest)})
+        raise DatasetError(f"{manifest}: no rows in split {split!r}; splits present: {', '.join(present) or 'none'}")
+    rows = restrict_rows(rows, read_ids(ids) if ids else None)
+    studies, skipped = select_studies(rows, text_rule=text_rule)
+    m = load_bench_model(model, tokenizer, device)
+    result, ranks = evaluate(studies, m, protocol=protocol, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
+                             progress=not json_out)
+    result["skipped"] = skipped
+    result["split"] = split
+    result["model"] = {"fingerprint": m.provenance.get("fingerprint", ""), "source": str(model)}
+    if out is not None:
+        write_json_atomic(out / f"retrieval-{protocol}.json", result)
+        write_ids(out / "evaluated_ids.csv", evaluated_ids(studies, protocol))
+    if plot is not None:
+        from index.bench.plot import plot_recall_curves
+
+        plot_recall_curves(ranks, plot, title=f"{manifest.name} ({split}), {protocol} protocol")
+    if json_out:
+        emit_json(result)
+        return
+    _print_retrieval(result)
+
+
+def _print_retrieval(result: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"retrieval, {result['protocol']} protocol: {result['studies']} studies, "
+                        f"{result['images']} images, {result['unique_texts']} distinct texts")
+    for col in ("level", "texts", "dir", "R@1", "R@5", "R@10", "R@10 95% CI", "mean rank", "queries", "pool"):
+        table.add_column(col, justify="left" if col in ("level", "texts", "dir") else "right")
+
+    def add(level: str, texts: str, direction: str, m: Any) -> None:
+        ci = m.get("ci95", {}).get("R@10")
+        table.add_row(level, texts, "i->t" if direction == "image_to_text" else "t->i",
+                      *(f"{m[k]:.3f}" for k in ("R@1", "R@5", "R@10")),
+                      f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "", f"{m['mean_rank']:.1f}", str(m["n_queries"]),
+                      str(m["n_candidates"]))
+
+    if result["protocol"] == "cxr-clip":
+        add("first image", "dedup", "image_to_text", result["image_to_text"])
+    else:
+        for level in ("image_level", "study_level"):
+            for dedup in ("dedup", "no_dedup"):
+                for direction, m in result[level][dedup].items():
+                    add(level.split("_")[0], "dedup" if dedup == "dedup" else "all", direction, m)
+    console.print(table)
+    if result.get("skipped", {}).get("studies_without_text"):
+        console.print(f"left out: {result['skipped']['studies_without_text']} studies without a report text")
+
+
+# ------------------------------------------------------------------------------- zeroshot (helper)
+
+# ------------------------------------------------------------------------------- overlap (helper)
+
+# ------------------------------------------------------------------------------- speed (helper)

@@ -1,0 +1,329 @@
+"""Retrieval benchmark: the CXR-CLIP reference protocol exactly, and a fuller protocol beside it.
+
+``cxr-clip`` (spec section 5) — image -> text only. One item per study that has a text: the study's
+first image in manifest order (the "first image of a study row"), and its text: "Report Impression"
+for CheXpert 5x200, the LONGER of findings and impression for MIMIC-CXR, OpenI and everything else.
+The candidate pool is the evaluated texts de-duplicated by exact string; an image's positive is its
+own text's string. Recall@1/5/10 and mean rank.
+
+``full`` — both directions, at image level (every image of an evaluated study is a query / a
+candidate) and at study level (a study's images fused into one vector: the normalised mean, as the
+index's ``studies.faiss``), each with and without de-duplication of the texts, with percentile
+bootstrap 95 % confidence intervals over the queries. Without de-duplication every study's text is its
+own candidate and only the query's own study counts, so an identical text of another study ties with
+the positive and ranks above it (ties are pessimistic everywhere).
+
+Every ranking goes through the index engine: the candidates are put in an exact (``Flat``)
+:class:`index.ann.VectorIndex` and each query searches all of them; the positive's rank is read
+from the returned scores (:func:`cxr_search.metrics.ranks_from_scores`). A test shows this equals the
+full in-memory similarity matrix.
+
+The result dict is deterministic (no timings, floats rounded) so a rerun gives identical JSON, and
+:func:`evaluated_ids` lists the evaluated images so anyone can rerun the same split (``--ids``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from cxr_search.datasets.manifest import ManifestRow
+from cxr_search.errors import DatasetError, InputFileError
+from cxr_search.metrics import bootstrap_recall, dedup_exact, ranks_from_scores, recall_at_k
+from cxr_search.reports import choose_report_text
+from index.ann import VectorIndex
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PROTOCOLS", "EvalStudy", "engine_ranks", "evaluated_ids", "read_ids", "run_retrieval",
+           "select_studies", "text_rule_for", "evaluate"]
+
+PROTOCOLS = ("cxr-clip", "full")
+KS = (1, 5, 10)
+TEXT_RULES = ("auto", "longest", "findings", "impression", "both")
+_SEARCH_BATCH = 256
+_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class EvalStudy:
+    """One evaluated study: its images (manifest order) and its text."""
+
+    dataset: str
+    study_id: str
+    text: str
+    rows: Tuple[ManifestRow, ...]
+
+
+def text_rule_for(dataset: str, rule: str = "auto") -> str:
+    """The report-text rule of the reference protocol for ``dataset`` (``auto``) or ``rule`` itself."""
+    if rule != "auto":
+        return rule
+    return "impression" if dataset == "chexpert5x200" else "longest"
+
+
+def select_studies(rows: Sequence[ManifestRow], *, text_rule: str = "auto") -> Tuple[List[EvalStudy], Dict[str, int]]:
+    """Group rows into studies (order of first appearance) and pick each study's text.
+
+    Rows keep manifest order inside a study: the reference uses the first image of a study row, and
+    for OpenI that is the first ``parentImage`` of the XML.
+
+    Returns:
+        The studies that have a text, and counts of what was left out and why.
+
+    Raises:
+        DatasetError: Unknown text rule.
+    """
+    if text_rule not in TEXT_RULES:
+        raise DatasetError(f"unknown text rule {text_rule!r}; use one of {', '.join(TEXT_RULES)}")
+    groups: Dict[Tuple[str, str], List[ManifestRow]] = {}
+    for row in rows:
+        groups.setdefault((row.dataset, row.study_id), []).append(row)
+    studies: List[EvalStudy] = []
+    skipped = {"studies_without_text": 0}
+    for (dataset, study_id), members in groups.items():
+        first = members[0]
+        text = choose_report_text(first.findings, first.impression, text_rule_for(dataset, text_rule))
+        if text is None and text_rule == "auto" and first.report_text.strip():
+            text = first.report_text  # datasets whose manifest has only a report text (e.g. PACS SR)
+        if text is None:
+            skipped["studies_without_text"] += 1
+            continue
+        studies.append(EvalStudy(dataset, study_id, text, tuple(members)))
+    return studies, skipped
+
+
+def engine_ranks(queries: np.ndarray, candidates: np.ndarray, positives: Sequence[Set[int]]) -> np.ndarray:
+    """Rank of each query's best positive among ``candidates``, computed by the index engine.
+
+    The candidates go into an exact ``Flat`` :class:`VectorIndex` under ids ``0..C-1`` (the ids of
+    the evaluation items; there is no store here) and every query searches all ``C`` of them.
+
+    Args:
+        queries: ``[Q, D]`` L2-normalised.
+        candidates: ``[C, D]`` L2-normalised.
+        positives: For each query, the candidate ids that count as its match.
+
+    Returns:
+        int64 ``[Q]`` ranks, 1-based, pessimistic on ties.
+    """
+    index = VectorIndex.create(candidates.shape[1], "Flat")
+    index.add(np.ascontiguousarray(candidates, dtype=np.float32), np.arange(len(candidates), dtype=np.int64))
+    out = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), _SEARCH_BATCH):
+        stop = min(start + _SEARCH_BATCH, len(queries))
+        scores, ids = index.search(queries[start:stop], len(candidates))  # [B, C] each
+        out[start:stop] = ranks_from_scores(scores, ids, positives[start:stop])
+    return out
+
+
+def _round(x: float) -> float:
+    return round(float(x), _DIGITS)
+
+
+def _score(ranks: np.ndarray, n_candidates: int, bootstrap: int, seed: int) -> Dict[str, Any]:
+    out: Dict[str, Any] = {k: _round(v) for k, v in recall_at_k(ranks, KS).items()}
+    out["median_rank"] = _round(np.median(ranks))
+    out["n_queries"] = int(len(ranks))
+    out["n_candidates"] = int(n_candidates)
+    if bootstrap > 0:
+        out["ci95"] = {k: [_round(lo), _round(hi)] for k, (lo, hi) in
+                       bootstrap_recall(ranks, KS, resamples=bootstrap, seed=seed).items()}
+    return out
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+@dataclass
+class _Embedded:
+    studies: List[EvalStudy]
+    image_study: np.ndarray  # [N] study position of each embedded image
+    images: np.ndarray  # [N, D]
+    texts: np.ndarray  # [S, D], one per study (duplicates embedded once)
+
+
+def _embed(studies: List[EvalStudy], model: Any, first_only: bool, batch_size: int, progress: bool) -> _Embedded:
+    paths: List[str] = []
+    owner: List[int] = []
+    for s, study in enumerate(studies):
+        for row in study.rows[:1] if first_only else study.rows:
+            paths.append(row.image_path)
+            owner.append(s)
+    logger.info("embedding %d images and %d texts", len(paths), len(studies))
+    images = model.embed_images(paths, batch_size=batch_size, progress=progress)  # [N, D]
+    unique, where = dedup_exact([s.text for s in studies])
+    texts = model.embed_texts(unique, batch_size=batch_size)[where]  # [S, D]
+    return _Embedded(studies, np.asarray(owner, dtype=np.int64), np.asarray(images, np.float32),
+                     np.asarray(texts, np.float32))
+
+
+def _directions(image_vecs: np.ndarray, image_study: np.ndarray, texts: List[str], text_vecs_all: np.ndarray, *,
+                dedup: bool, bootstrap: int, seed: int,
+                image_to_text_only: bool = False) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """Both directions at one level.
+
+    Args:
+        image_vecs: ``[N, D]`` image-side vectors (images, or fused studies).
+        image_study: ``[N]`` study position of each image-side vector.
+        texts: One text per study.
+        text_vecs_all: ``[S, D]`` one text vector per study.
+        dedup: Candidate / query texts de-duplicated by exact string (positives: the same string)
+            or one per study (positive: the study's own).
+    """
+    if dedup:
+        _, text_of = dedup_exact(texts)  # study -> distinct text id
+        text_vecs = text_vecs_all[np.unique(text_of, return_index=True)[1]]  # [U, D]
+    else:
+        text_of = np.arange(len(texts), dtype=np.int64)
+        text_vecs = text_vecs_all  # [S, D]
+    ranks = {"image_to_text": engine_ranks(image_vecs, text_vecs, [{int(text_of[s])} for s in image_study])}
+    if not image_to_text_only:
+        members: Dict[int, Set[int]] = {}
+        for c, s in enumerate(image_study):
+            members.setdefault(int(text_of[s]), set()).add(c)
+        have = sorted(members)  # every text has an image: each study contributes at least one
+        ranks["text_to_image"] = engine_ranks(text_vecs[have], image_vecs, [members[t] for t in have])
+    candidates = {"image_to_text": len(text_vecs), "text_to_image": len(image_vecs)}
+    metrics = {d: _score(r, candidates[d], bootstrap, seed) for d, r in ranks.items()}
+    return metrics, ranks
+
+
+def evaluate(studies: List[EvalStudy], model: Any, *, protocol: str = "full", bootstrap: int = 1000, seed: int = 0,
+             batch_size: int = 32, progress: bool = False) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """Run a protocol on selected studies.
+
+    Returns:
+        ``(result, ranks)``: the JSON-ready result (see :func:`run_retrieval`) and the headline ranks
+        per direction (for Recall@K curves).
+    """
+    if protocol not in PROTOCOLS:
+        raise DatasetError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if len(studies) < 2:
+        raise DatasetError(f"retrieval needs at least 2 studies with a report text, found {len(studies)}")
+    emb = _embed(studies, model, protocol == "cxr-clip", batch_size, progress)
+    texts = [s.text for s in studies]
+    result: Dict[str, Any] = {"protocol": protocol, "ks": list(KS), "studies": len(studies),
+                              "images": int(len(emb.images)), "unique_texts": len(dedup_exact(texts)[0])}
+    if protocol == "cxr-clip":
+        # The reference: first image per study, texts de-duplicated, image->text only, no intervals.
+        metrics, ranks = _directions(emb.images, emb.image_study, texts, emb.texts, dedup=True, bootstrap=0,
+                                     seed=seed, image_to_text_only=True)
+        result.update(metrics)
+        result["headline"] = {"image_to_text": _headline(metrics["image_to_text"])}
+        return result, ranks
+
+    study_vecs = _normalise(np.stack([emb.images[emb.image_study == s].mean(axis=0)
+                                      for s in range(len(studies))]))  # [S, D]
+    levels = {"image_level": (emb.images, emb.image_study),
+              "study_level": (study_vecs, np.arange(len(studies), dtype=np.int64))}
+    headline_ranks: Dict[str, np.ndarray] = {}
+    for level, (vecs, owner) in levels.items():
+        result[level] = {}
+        for dedup in (True, False):
+            metrics, ranks = _directions(vecs, owner, texts, emb.texts, dedup=dedup, bootstrap=bootstrap, seed=seed)
+            result[level]["dedup" if dedup else "no_dedup"] = metrics
+            if level == "image_level" and dedup:
+                headline_ranks = ranks
+    result["bootstrap"] = {"resamples": bootstrap, "seed": seed, "level": 0.95, "method": "percentile"}
+    result["headline"] = {d: _headline(m) for d, m in result["image_level"]["dedup"].items()}
+    result["study_level_headline"] = {d: _headline(m) for d, m in result["study_level"]["dedup"].items()}
+    return result, headline_ranks
+
+
+def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: metrics[k] for k in ("R@1", "R@5", "R@10", "mean_rank")}
+
+
+def run_retrieval(rows: Sequence[ManifestRow], model: Any, *, protocol: str = "full", bootstrap: int = 1000,
+                  seed: int = 0, batch_size: int = 32, progress: bool = False,
+                  text_rule: str = "auto") -> Dict[str, Any]:
+    """Run the retrieval benchmark on manifest rows (already restricted to the evaluated split).
+
+    Args:
+        rows: Manifest rows; studies without a text are left out (counted in ``skipped``).
+        model: A :class:`cxr_search.model.CXRClip` with a tokenizer.
+        protocol: ``"cxr-clip"`` (the reference) or ``"full"``.
+        bootstrap: Bootstrap resamples for the 95 % intervals (``full`` only; 0 = none).
+        seed: Seed of the bootstrap.
+        batch_size: Embedding batch size.
+        progress: Show progress bars.
+        text_rule: ``"auto"`` (the reference rule per dataset) or a rule of
+            :func:`cxr_search.reports.choose_report_text`.
+
+    Returns:
+        A JSON-ready dict. Always ``headline`` = ``{"image_to_text": {"R@1", "R@5", "R@10",
+        "mean_rank"}, "text_to_image": {...}}`` (``full``: image level, texts de-duplicated;
+        ``cxr-clip``: image->text only). ``full`` adds ``image_level`` / ``study_level`` ->
+        ``dedup`` / ``no_dedup`` -> direction -> metrics with ``ci95``, and ``study_level_headline``.
+
+    Raises:
+        DatasetError: Unknown protocol or text rule, fewer than 2 studies with a text.
+    """
+    studies, skipped = select_studies(rows, text_rule=text_rule)
+    result, _ = evaluate(studies, model, protocol=protocol, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
+                         progress=progress)
+    result["skipped"] = skipped
+    return result
+
+
+def evaluated_ids(studies: Sequence[EvalStudy], protocol: str) -> List[Dict[str, str]]:
+    """The evaluated images (one row each) with the SHA-256 of the text used, in evaluation order."""
+    out = []
+    for s in studies:
+        digest = hashlib.sha256(s.text.encode("utf-8")).hexdigest()[:16]
+        for row in s.rows[:1] if protocol == "cxr-clip" else s.rows:
+            out.append({"dataset": s.dataset, "study_id": s.study_id, "image_id": row.image_id, "text_sha256": digest})
+    return out
+
+
+def write_ids(path: Path, ids: Sequence[Dict[str, str]]) -> None:
+    """Write :func:`evaluated_ids` as CSV (atomically)."""
+    import io
+
+    from cxr_search.fileio import write_text_atomic
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["dataset", "study_id", "image_id", "text_sha256"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(ids)
+    write_text_atomic(path, buf.getvalue())
+
+
+def read_ids(path: Path) -> Set[Tuple[str, str, str]]:
+    """Read an ``evaluated_ids.csv`` into a set of (dataset, study_id, image_id).
+
+    Raises:
+        InputFileError: Unreadable file or missing columns.
+    """
+    try:
+        with Path(path).open("r", encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"dataset", "study_id", "image_id"} - set(reader.fieldnames or [])
+            if missing:
+                raise InputFileError(path, f"not an evaluated_ids.csv: columns {', '.join(sorted(missing))} missing")
+            return {(r["dataset"], r["study_id"], r["image_id"]) for r in reader}
+    except OSError as exc:
+        raise InputFileError(path, f"cannot read the id list ({exc.strerror or exc})") from exc
+
+
+def restrict_rows(rows: Sequence[ManifestRow], ids: Optional[Set[Tuple[str, str, str]]]) -> List[ManifestRow]:
+    """Keep only the rows listed in ``ids`` (all rows when ``ids`` is None).
+
+    Raises:
+        DatasetError: Listed images that the manifest does not hold (a different manifest or split).
+    """
+    if ids is None:
+        return list(rows)
+    kept = [r for r in rows if (r.dataset, r.study_id, r.image_id) in ids]
+    if len(kept) != len(ids):
+        raise DatasetError(f"{len(ids) - len(kept)} of the {len(ids)} listed images are not in the manifest split; "
+                           "use the manifest and --split the id list was written from")
+    return kept

@@ -31,15 +31,35 @@ def _load(model: str, tokenizer: Optional[Path], *, need_text: bool) -> Any:
     return load_model(model, tokenizer=tokenizer, require_tokenizer=need_text)
 
 
+def parse_shard(text: str) -> tuple:
+    """``"K/N"`` (1 <= K <= N) to the 0-based ``(K - 1, N)``.
+
+    Raises:
+        ConfigError: Malformed or out of range.
+    """
+    try:
+        k, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: write K/N, e.g. --shard 2/4 for the second of four shards") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {text!r}: K must be between 1 and N")
+    return (k - 1, n)
+
+
 def _build(command: str, archive: Path, model: str, tokenizer: Optional[Path], reports: Optional[Path], out: Path,
            batch_size: int, workers: int, device: str, precision: str, factory: Optional[str],
-           bytes_per_vector: Optional[float], all_body_parts: bool, db: Optional[str], json_out: bool) -> None:
+           bytes_per_vector: Optional[float], all_body_parts: bool, db: Optional[str], json_out: bool,
+           shard: Optional[str] = None, catalogue_only: bool = False) -> None:
     from index.engine import BuildOptions, build
 
+    parsed = parse_shard(shard) if shard else None
+    if parsed and catalogue_only:
+        raise ConfigError("--shard and --catalogue-only are two steps: catalogue once, then run the shards")
     m = _load(model, tokenizer, need_text=True)
     opts = BuildOptions(reports_csv=reports, batch_size=batch_size, num_workers=workers, device=device,
                         precision=precision, factory=factory, bytes_per_vector=bytes_per_vector,
-                        body_part_filter=not all_body_parts, db_url=db, progress=not json_out)
+                        body_part_filter=not all_body_parts, db_url=db, progress=not json_out, shard=parsed,
+                        catalogue_only=catalogue_only)
     summary = build(archive, out, m, opts, command=command)
     if json_out:
         _emit_json(summary)
@@ -54,7 +74,12 @@ def _build(command: str, archive: Path, model: str, tokenizer: Optional[Path], r
         recall = f.get("recall_at_10")
         console.print(f"{kind}: {f.get('n')} vectors, {f.get('factory')}"
                       + (f", recall@10 vs exact {recall:.3f}" if isinstance(recall, float) else ""))
-    reasons = summary["catalogue"]["failure_reasons"]
+    if summary["shard"]:
+        console.print(f"shard {summary['shard']} done; when every shard is done, run the same command without "
+                      "--shard to embed any leftovers and write the FAISS files")
+    elif catalogue_only:
+        console.print("catalogued; now embed with --shard K/N on each worker (same --out and --db), then once without")
+    reasons = (summary["catalogue"] or {}).get("failure_reasons", {})
     if reasons:
         console.print("not indexed: " + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())))
 
@@ -76,9 +101,13 @@ def _build_command(command: str, doc: str) -> None:
         all_body_parts: bool = typer.Option(False, "--all-body-parts", help="Keep CR/DX images whatever BodyPartExamined says."),
         db: Optional[str] = typer.Option(None, "--db", help=_DB_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+        shard: Optional[str] = typer.Option(None, "--shard", help="K/N: embed only shard K of N (after --catalogue-only; "
+                                            "processes sharing the store split the work)."),
+        catalogue_only: bool = typer.Option(False, "--catalogue-only", help="Read headers and reports into the "
+                                            "store only (first step of a sharded build)."),
     ) -> None:
         _build(command, archive, model, tokenizer, reports, out, batch_size, workers, device, precision, factory,
-               bytes_per_vector, all_body_parts, db, json_out)
+               bytes_per_vector, all_body_parts, db, json_out, shard, catalogue_only)
 
 
 _build_command("build", "Index an archive (resumes an interrupted build: run the same command again).")

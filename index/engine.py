@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from sqlalchemy import select, update
@@ -300,6 +300,10 @@ class BuildOptions:
     body_part_filter: bool = True
     db_url: Optional[str] = None
     progress: bool = False
+    #: Embed only the pending rows whose id modulo n is k (0-based); no catalogue, no FAISS files.
+    shard: Optional[Tuple[int, int]] = None
+    #: Catalogue only: store rows for every file and report, nothing embedded, no FAISS files.
+    catalogue_only: bool = False
 
 
 def build(archive: Union[str, Path], index_dir: Union[str, Path], model: CXRClip, opts: BuildOptions, *,
@@ -311,6 +315,9 @@ def build(archive: Union[str, Path], index_dir: Union[str, Path], model: CXRClip
     """
     if command == "add" and not (Path(index_dir).expanduser() / META_FILE).is_file():
         raise SearchIndexError(f"{index_dir}: no index to add to; create it with cxr-search index build")
+    if opts.shard is not None and not (Path(index_dir).expanduser() / META_FILE).is_file():
+        raise SearchIndexError(f"{index_dir}: a shard run embeds an index that is already catalogued; run "
+                               "`cxr-search index build ARCHIVE --catalogue-only` (same --out and --db) first")
     idx = IndexDir.create_or_open(index_dir, model, db_url=opts.db_url)
     try:
         before = idx.store.counts()
@@ -319,19 +326,25 @@ def build(archive: Union[str, Path], index_dir: Union[str, Path], model: CXRClip
                         created=utcnow())
             s.add(run)
         timings: Dict[str, Any] = {}
-        t0 = time.perf_counter()
-        cat: CatalogueResult = catalogue(idx.store, idx.secret, Path(archive), reports_csv=opts.reports_csv,
-                                         workers=opts.header_workers, body_part_filter=opts.body_part_filter,
-                                         progress=opts.progress)
-        timings["catalogue_s"] = round(time.perf_counter() - t0, 3)
-        images: StageTimes = embed_pending_images(
-            idx.store, idx.secret, model, batch_size=opts.batch_size, num_workers=opts.num_workers,
-            device=opts.device, precision=opts.precision, progress=opts.progress)
-        sections = embed_pending_sections(idx.store, model, device=opts.device, precision=opts.precision,
-                                          progress=opts.progress)
-        t1 = time.perf_counter()
-        facts = idx.sync(factory=opts.factory, bytes_per_vector=opts.bytes_per_vector)
-        timings["faiss_s"] = round(time.perf_counter() - t1, 3)
+        cat: Optional[CatalogueResult] = None
+        if opts.shard is None:  # shards share one catalogue: concurrent upserts of one study would collide
+            t0 = time.perf_counter()
+            cat = catalogue(idx.store, idx.secret, Path(archive), reports_csv=opts.reports_csv,
+                            workers=opts.header_workers, body_part_filter=opts.body_part_filter,
+                            progress=opts.progress)
+            timings["catalogue_s"] = round(time.perf_counter() - t0, 3)
+        images, sections = StageTimes(), StageTimes()
+        if not opts.catalogue_only:
+            images = embed_pending_images(
+                idx.store, idx.secret, model, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                device=opts.device, precision=opts.precision, progress=opts.progress, shard=opts.shard)
+            sections = embed_pending_sections(idx.store, model, device=opts.device, precision=opts.precision,
+                                              progress=opts.progress, shard=opts.shard)
+        facts: Dict[str, Any] = {}
+        if opts.shard is None and not opts.catalogue_only:  # FAISS files are written once, by a plain run
+            t1 = time.perf_counter()
+            facts = idx.sync(factory=opts.factory, bytes_per_vector=opts.bytes_per_vector)
+            timings["faiss_s"] = round(time.perf_counter() - t1, 3)
         after = idx.store.counts()
         with idx.store.session() as s:
             row = s.get(Build, run.id)
@@ -342,7 +355,8 @@ def build(archive: Union[str, Path], index_dir: Union[str, Path], model: CXRClip
             "index": str(Path(index_dir)),
             "totals": {k: after[k] for k in ("images", "studies", "sections", "failed")},
             "added": {k: after[k] - before[k] for k in ("images", "studies", "sections", "failed")},
-            "catalogue": cat.to_dict(),
+            "catalogue": cat.to_dict() if cat is not None else None,
+            "shard": f"{opts.shard[0] + 1}/{opts.shard[1]}" if opts.shard else None,
             "embedding": {"images": images.to_dict(), "sections": sections.to_dict()},
             "timings": timings,
             "faiss": facts,

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import select, true, update
 
 from cxr_search.model import CXRClip, resolve_device, resolve_precision
 from cxr_search.transforms import preprocess_item
@@ -83,23 +83,36 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def pending_images(store: Store, secret: IndexSecret) -> List[Tuple[int, str]]:
-    """(id, decrypted path) of every image still to embed, by id."""
+def _in_shard(column: Any, shard: Optional[Tuple[int, int]]) -> Any:
+    """SQL condition "row belongs to shard (k, n)": id modulo n equals k (0-based k)."""
+    if shard is None:
+        return true()
+    k, n = shard
+    return (column % n) == k
+
+
+def pending_images(store: Store, secret: IndexSecret, shard: Optional[Tuple[int, int]] = None) -> List[Tuple[int, str]]:
+    """(id, decrypted path) of every image still to embed (of one shard when given), by id."""
     with store.session() as s:
-        rows = s.execute(select(Image.id, Image.path_enc).where(Image.status == PENDING).order_by(Image.id)).all()
+        rows = s.execute(select(Image.id, Image.path_enc).where(Image.status == PENDING, _in_shard(Image.id, shard))
+                         .order_by(Image.id)).all()
     return [(rid, secret.decrypt_path(enc)) for rid, enc in rows]
 
 
 def embed_pending_images(
     store: Store, secret: IndexSecret, model: CXRClip, *, batch_size: int = 32, num_workers: int = 0,
     device: Optional[str] = None, precision: str = "fp32", progress: bool = False,
+    shard: Optional[Tuple[int, int]] = None,
 ) -> StageTimes:
     """Embed every pending image; each batch's vectors and statuses are committed together.
+
+    ``shard=(k, n)`` embeds only the images whose id modulo ``n`` is ``k``: ``n`` processes (on one
+    machine or many, sharing the store) split the work without overlapping.
 
     Returns:
         Stage timings and counts.
     """
-    items = pending_images(store, secret)
+    items = pending_images(store, secret, shard)
     times = StageTimes()
     if not items:
         return times
@@ -152,11 +165,13 @@ def _write_image_batch(store: Store, ids: List[int], vectors: np.ndarray, bad: L
 
 def embed_pending_sections(
     store: Store, model: CXRClip, *, batch_size: int = 64, commit_every: int = 512, device: Optional[str] = None,
-    precision: str = "fp32", progress: bool = False,
+    precision: str = "fp32", progress: bool = False, shard: Optional[Tuple[int, int]] = None,
 ) -> StageTimes:
-    """Embed every pending report section, committing every ``commit_every`` sections."""
+    """Embed every pending report section (of one shard, see :func:`embed_pending_images`), committing every
+    ``commit_every`` sections."""
     with store.session() as s:
-        rows = s.execute(select(Section.id, Section.text).where(Section.status == PENDING).order_by(Section.id)).all()
+        rows = s.execute(select(Section.id, Section.text).where(Section.status == PENDING, _in_shard(Section.id, shard))
+                         .order_by(Section.id)).all()
     times = StageTimes()
     if not rows:
         return times

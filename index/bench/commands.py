@@ -113,6 +113,40 @@ def _print_retrieval(result: Any) -> None:
 
 
 # ------------------------------------------------------------------------------- zeroshot (helper)
+@bench_app.command("zeroshot")
+def bench_zeroshot(
+    manifest: Path = typer.Argument(..., help="Manifest CSV (from `cxr-search data prepare`)."),
+    task: str = typer.Option(..., "--task", help="vindr, rsna, siim or chexpert5x200."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+    split: str = typer.Option("test", "--split", help="Manifest split to evaluate (one image per row)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:0, ..."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write zeroshot-<task>.json and evaluated_ids.csv here."),
+) -> None:
+    """Zero-shot classification with the reference prompts (spec section 5), plus separate prompt variants."""
+    from cxr_search.datasets.manifest import read_manifest
+    from index.bench.zeroshot import check_task, render_tables, run_zeroshot, select_rows, write_outputs
+
+    check_task(task)  # before loading anything, so a typo fails fast
+    rows = select_rows(read_manifest(manifest), task, split)
+    clip = load_bench_model(model, tokenizer, device)
+    result = {"model": model, "model_fingerprint": getattr(clip, "provenance", {}).get("fingerprint"),
+              "split": split, **run_zeroshot(rows, clip, task, batch_size=batch_size, device=device,
+                                             progress=not json_out)}  # fmt: skip
+    if out is not None:
+        json_path, ids_path = write_outputs(result, rows, out)
+        console.print(f"wrote {json_path} and {ids_path}", highlight=False)
+    if json_out:
+        emit_json(result)
+        return
+    table_console = Console()
+    for table in render_tables(result):
+        table_console.print(table)
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False)
+
 
 # ------------------------------------------------------------------------------- overlap (helper)
 

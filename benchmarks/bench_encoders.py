@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from index.speed import encoder_benchmark  # noqa: E402
+from index.bench.speed import encoder_benchmark  # noqa: E402
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from cxr_search.model import create_model  # noqa: E402
 from cxr_search.synth import synthesize  # noqa: E402
 from index.engine import BuildOptions, build  # noqa: E402
 from index.search import Searcher  # noqa: E402
-from index.speed import _bench_tokenizer, measure_encoder, synthetic_images, synthetic_texts  # noqa: E402
+from index.bench.speed import bench_tokenizer, measure_encoder, synthetic_images, synthetic_texts  # noqa: E402
 
 
 def main() -> None:
@@ -64,7 +64,7 @@ def main() -> None:
         print(f"archive written in {time.perf_counter() - t0:.0f} s", flush=True)
 
     torch.manual_seed(0)  # the same random weights every run, so --skip-build can reuse the index
-    model = create_model(args.preset, tokenizer=_bench_tokenizer(args.preset))
+    model = create_model(args.preset, tokenizer=bench_tokenizer(args.preset))
     model.provenance = {"source": f"preset:{args.preset} (random weights)", "fingerprint": model_fingerprint(model)}
     images = synthetic_images(2 * args.batch_size, size=512)
     row, _, _ = measure_encoder(model, args.preset, images, synthetic_texts(8), precision=args.precision,

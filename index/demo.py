@@ -20,7 +20,7 @@ import numpy as np
 
 from cxr_search.checkpoints import load_model, save_model
 from cxr_search.model import create_model
-from index.speed import synthetic_images
+from index.bench.speed import synthetic_images
 
 logger = logging.getLogger(__name__)
 

@@ -149,5 +149,67 @@ def bench_zeroshot(
 
 
 # ------------------------------------------------------------------------------- overlap (helper)
+@bench_app.command("overlap")
+def bench_overlap(
+    train_manifest: Path = typer.Argument(..., help="Training-set manifest CSV."),
+    test_manifest: Path = typer.Argument(..., help="Evaluation-set manifest CSV (may be the same file, see --test-split)."),
+    by: str = typer.Option("all", "--by", help="ids (patients, image ids, UIDs, paths), pixels (decoded content) or all."),
+    train_split: Optional[str] = typer.Option(None, "--train-split", help="Use only these training rows (train, validate, test)."),
+    test_split: Optional[str] = typer.Option(None, "--test-split", help="Use only these test rows."),
+    min_correlation: float = typer.Option(0.999, "--min-correlation", help="Near-duplicate threshold on thumbnail correlation."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Decoding processes for the content fingerprints."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Fingerprint cache (SQLite); default ~/.cache/cxr-search/image-hashes.sqlite."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the fingerprint cache."),
+    examples: int = typer.Option(5, "--examples", min=0, help="Example pairs per criterion in the report."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for overlap_summary.json and the CSVs of every pair."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Patients and images of an evaluation set that also occur in a training set (ids and pixels)."""
+    from index.bench.image_hash import default_cache_file
+    from index.bench.overlap import overlap_manifests, render_overlap
+
+    result = overlap_manifests(train_manifest, test_manifest, train_split=train_split, test_split=test_split, by=by,
+                               min_correlation=min_correlation, workers=workers, examples=examples,
+                               cache_file=None if no_cache else (cache or default_cache_file()), progress=True)
+    if out is not None:
+        written = result.write(out)
+        console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
+    if json_out:
+        emit_json(result.to_dict())
+        return
+    Console().print(render_overlap(result.to_dict()))
+
 
 # ------------------------------------------------------------------------------- speed (helper)
+@bench_app.command("speed")
+def bench_speed(
+    preset: list[str] = typer.Option(["cxr-clip-r50"], "--preset", metavar="PRESET", help="Model preset (random weights); repeat for several."),
+    images: int = typer.Option(16, "--images", min=1, help="Images per throughput measurement."),
+    texts: int = typer.Option(16, "--texts", min=1, help="Texts per throughput measurement."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Batch size of the throughput measurements."),
+    precision: str = typer.Option("auto", "--precision", help="fp32, bf16 or auto (bf16 only where the CPU has it natively)."),
+    index_size: int = typer.Option(20_000, "--index-size", min=0, help="Synthetic vectors in the search benchmark (0 skips it)."),
+    queries: int = typer.Option(200, "--queries", min=1, help="Single queries timed in the search benchmark."),
+    text_queries: int = typer.Option(20, "--text-queries", min=0, help="Single text queries timed per precision (0 skips)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights, images and vectors."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch and FAISS threads (0 = their default; 1 is often faster on a busy machine)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON result to this file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Embedding throughput, text-query latency and search latency/recall on this machine's CPU."""
+    from cxr_search.fileio import write_json_atomic
+    from index.bench.speed import render_speed, speed_benchmark
+
+    result = speed_benchmark(preset, n_images=images, n_texts=texts, batch_size=batch_size, precision=precision,
+                             index_size=index_size, n_queries=queries, text_queries=text_queries, seed=seed,
+                             threads=threads, progress=lambda msg: console.print(msg, highlight=False))
+    if out is not None:
+        write_json_atomic(out, result)
+        console.print(f"wrote {out}", highlight=False)
+    if json_out:
+        emit_json(result)
+        return
+    table_console = Console()
+    for table in render_speed(result):
+        table_console.print(table)
+

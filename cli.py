@@ -21,6 +21,7 @@ from rich.table import Table
 from cxr_search.errors import CxrSearchError, InputFileError
 from index.bench.commands import bench_app
 from index.commands import index_app, search_app
+from index.demo_defaults import DEFAULT_EPOCHS, DEFAULT_STUDIES
 from train.commands import train_app
 
 app = typer.Typer(
@@ -316,33 +317,111 @@ def data_cache(
 
 
 # -------------------------------------------------------------------------------------- demo
+def _demo_train(request: Any) -> Dict[str, Any]:
+    """The demo's training step (index/ must not import train/, so the CLI injects it): resumes a killed run."""
+    from cxr_search.config import parse_set_options
+    from train.config import get_recipe
+    from train.trainer import train
+
+    sets = [f"{key}={json.dumps(value)}" for key, value in request.overrides.items()]
+    cfg = get_recipe(request.recipe, **parse_set_options(sets))
+    return train(cfg, [request.manifest], request.run_dir, resume=True, progress=request.progress).to_dict()
+
+
+def _demo_tables(result: Any) -> None:
+    from rich.markup import escape
+
+    con = Console()
+    r = result.to_dict()
+    t = Table(title=f"cxr-search demo -> {r['out_dir']}")
+    for col in ("stage", "seconds", ""):
+        t.add_column(col, justify="right" if col == "seconds" else "left")
+    for stage, secs in r["timings_s"].items():
+        t.add_row(stage, f"{secs:.1f}", "reused" if r["reused"].get(stage) else "")
+    con.print(t)
+    split = r["split"]["splits"]
+    t = Table(title="archive, hold-out and index", show_header=False)
+    t.add_row("archive", f"{r['archive']['studies']} studies, {r['archive']['images']} images, "
+                         f"{r['archive']['patients']} patients, {len(r['archive']['broken_files'])} broken files")
+    for name, c in split.items():
+        t.add_row(f"split {name}", f"{c['patients']} patients, {c['studies']} studies, {c['images']} images")
+    totals = r["index"]["totals"]
+    t.add_row("index", f"{totals['images']} images, {totals['studies']} studies, {totals['sections']} report sections, "
+                       f"{totals['failed']} failures")
+    t.add_row("training", f"{r['training'].get('steps')} steps, {r['training'].get('epochs')} epochs, "
+                          f"{r['training'].get('seconds')} s")
+    t.add_row("model", f"{r['model_dir']} ({r['model_fingerprint'][:12]})")
+    con.print(t)
+    b = r["broken_files"]
+    t = Table(title=f"not indexed: {b['recorded']} of the {b['mixed_in']} broken files mixed in recorded as failures"
+                    + (f", {len(b['report_objects'])} pixel-less SR used as report source"
+                       if b["report_objects"] else "")
+                    + (f"; NOT recorded: {', '.join(b['not_recorded'])}" if b["not_recorded"] else ""))
+    for col in ("file", "stage", "reason"):
+        t.add_column(col, overflow="fold")
+    for f in r["failures"]:
+        reason = f["reason"] if len(f["reason"]) <= 110 else f["reason"][:109] + "…"
+        t.add_row(escape(f["path"]), f["stage"], escape(reason))
+    con.print(t)
+    for q in r["queries"]:
+        score = f" ({q['relevant']}/{len(q['hits'])} relevant)" if q["relevant"] is not None else ""
+        query = f"held-out DICOM …/{Path(q['query']).name}" if q["query_image"] else repr(q["query"])
+        filt = f" [{' '.join(q['filters'])}]" if q["filters"] else ""
+        t = Table(title=escape(f"{q['kind']}{filt}: {query}{score}"))
+        if q["query_image"]:
+            t.caption = escape(f"query study's truth: {q['query_truth']}; its own patient is excluded")
+        for col in ("#", "score", "view", "truth", "report"):
+            t.add_column(col, overflow="fold")
+        for h in q["hits"]:
+            mark = {True: "[green]", False: "[red]"}.get(h["relevant"], "")
+            text = (f"[{h['section']}] " if h["section"] else "") + str(h["text"] or "")
+            t.add_row(str(h["rank"]), f"{h['score']:.3f}", h["view"] or "", f"{mark}{escape(h['truth'] or '')}",
+                      escape(text[:140]))
+        con.print(t)
+    ret = r["retrieval"]
+    t = Table(title=f"retrieval benchmark on the held-out split ({ret['protocol']} protocol: {ret['studies']} studies, "
+                    f"{ret['images']} images, {ret['unique_texts']} distinct texts)")
+    for col in ("level", "direction", "R@1", "R@5", "R@10", "R@10 95% CI", "mean rank"):
+        t.add_column(col, justify="left" if col in ("level", "direction") else "right")
+    for level, key in (("image", "image_level"), ("study", "study_level")):
+        for direction, m in (ret.get(key) or {}).get("dedup", {}).items():
+            ci = m.get("ci95", {}).get("R@10")
+            t.add_row(level, direction.replace("_to_", " → "), *(f"{m[k]:.3f}" for k in ("R@1", "R@5", "R@10")),
+                      f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "", f"{m['mean_rank']:.1f}")
+    con.print(t)
+    con.print(f"gallery: {r['gallery']}   (summary: {Path(r['out_dir']) / 'summary.json'})")
+
+
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Output directory."),
-    images: int = typer.Option(12, "--images", min=1, help="Archive size."),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Demo folder; a rerun reuses what it holds."),
+    studies: int = typer.Option(DEFAULT_STUDIES, "--studies", min=20, help="Studies in the synthetic archive."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the archive and the patient hold-out."),
+    epochs: int = typer.Option(DEFAULT_EPOCHS, "--epochs", min=1, help="Training epochs of tiny-synth."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Extra training override key=value (as `train --set`)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
-    """Run the product end to end on a generated archive (the largest path that works today)."""
-    import dataclasses
+    """Synthetic PACS archive -> train tiny-synth -> index -> example queries + HTML gallery -> Recall@K."""
+    from cxr_search.errors import ConfigError
+    from index.demo import DemoOptions, run_demo
 
-    from index.demo import run_demo
-
-    result = run_demo(out, images=images)
+    overrides: Dict[str, Any] = {}
+    for item in set_:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    opts = DemoOptions(studies=studies, seed=seed, epochs=epochs, train_overrides=overrides, progress=progress)
+    result = run_demo(out, train_fn=_demo_train, options=opts,
+                      say=lambda msg: console.print(f"[bold]demo[/bold] {msg}"))
     if json_out:
-        _emit_json(dataclasses.asdict(result))
-        return
-    con = Console()
-    con.print(f"[bold]cxr-search demo[/bold] -> {result.out_dir}   ({result.note})")
-    con.print(f"archive: {len(result.files)} files (DICOM MONOCHROME1/2 and PNG); model fingerprint "
-              f"{result.model_fingerprint[:12]}")
-    for query, hits in result.hits.items():
-        table = Table(title=f"text -> image: {query!r}")
-        for col in ("rank", "score", "file"):
-            table.add_column(col)
-        for hit in hits:
-            table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", hit["file"])
-        con.print(table)
-    con.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in result.timings_s.items()))
+        _emit_json(result.to_dict())
+    else:
+        _demo_tables(result)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -352,7 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Without standalone mode click returns the code of typer.Exit (e.g. `index verify` finding problems).
         rc = app(args=argv, standalone_mode=False)
     except CxrSearchError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

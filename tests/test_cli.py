@@ -84,17 +84,6 @@ def test_user_errors_are_one_line_with_exit_codes(tmp_path, capsys):
     assert not (tmp_path / "x.npy").exists()
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--images", "6", "--json")
-    assert code == 0
-    result = json.loads(out)
-    assert len(result["files"]) == 6 and sum(f.endswith(".dcm") for f in result["files"]) == 4
-    assert set(result["hits"]) and all(len(h) == 3 for h in result["hits"].values())
-    assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
-    for key in ("write_archive", "model_save_load", "embed_images", "embed_texts"):
-        assert result["timings_s"][key] >= 0
-
-
 def test_data_synth_prepare_cache(tmp_path, capsys):
     code, out, _ = run(capsys, "data", "synth", str(tmp_path / "arc"), "--studies", "6", "--image-size", "64",
                        "--broken", "2", "--json")

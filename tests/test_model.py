@@ -162,6 +162,18 @@ def test_own_format_round_trip_and_errors(tmp_path):
     assert model_fingerprint(other) != model_fingerprint(model)
 
 
+def test_fingerprint_describes_the_saved_weights_not_a_carried_over_value(tmp_path):
+    """A model loaded from one checkpoint, trained on and saved again must not keep the old fingerprint."""
+    start = load_model(save_model(create_model("tiny"), tmp_path / "start"))
+    old = start.provenance["fingerprint"]
+    with torch.no_grad():
+        next(start.parameters()).add_(0.01)  # "training" changes the weights, provenance is carried along
+    resumed = load_model(save_model(start, tmp_path / "resumed"))
+    assert resumed.provenance["fingerprint"] == model_fingerprint(resumed) != old
+    meta = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert meta["provenance"]["fingerprint"] == model_fingerprint(resumed)
+
+
 def test_auto_precision_never_picks_emulated_bf16():
     from cxr_search.model import cpu_has_fast_bf16, resolve_precision
 

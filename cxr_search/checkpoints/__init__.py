@@ -111,7 +111,9 @@ def load_model(
         raise CheckpointError(
             f"{source}: no such file or directory, and not a preset ({', '.join(list_models())})"
         )
-    model.provenance.setdefault("fingerprint", model_fingerprint(model))
+    # Always from the weights just loaded: a stored value may describe the weights a checkpoint
+    # was resumed from, and the index trusts the fingerprint to mean "these weights".
+    model.provenance["fingerprint"] = model_fingerprint(model)
     if device is not None:
         model.to(resolve_device(device))
     return model.eval()
@@ -212,6 +214,7 @@ def save_model(model: CXRClip, out_dir: Union[str, Path], *, provenance: Optiona
         prov.setdefault("code_version", _code_version())
         prov["saved"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         prov["weights_sha256"] = file_sha256(tmp / WEIGHTS_FILE)
+        prov["fingerprint"] = model_fingerprint(model)  # of the weights written, never a carried-over value
         meta: Dict[str, Any] = {"format": FORMAT, "model": model.config.to_dict(), "provenance": prov}
         if model.tokenizer is not None:
             model.tokenizer.save(tmp)

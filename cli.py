@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_search.errors import CxrSearchError, InputFileError
+from cxr_search.fileio import emit_json
 from index.bench.commands import bench_app
 from index.commands import index_app, search_app
 from index.demo_defaults import DEFAULT_EPOCHS, DEFAULT_STUDIES
@@ -52,10 +53,6 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Mo
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _emit_json(data: Dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
 def _atomic_save_npy(path: Path, array: Any) -> None:
     import numpy as np
 
@@ -83,7 +80,7 @@ def model_convert(
     summary = {"source": str(src), "out": str(out), "fingerprint": model.provenance.get("fingerprint"),
                "seconds": round(time.perf_counter() - t0, 2)}
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
     else:
         console.print(f"[green]converted[/green] {src} -> {out} (fingerprint {summary['fingerprint'][:12]})")
 
@@ -119,7 +116,7 @@ def model_info(
 
     info = model_summary(load_model(src, tokenizer=tokenizer, require_tokenizer=False))
     if json_out:
-        _emit_json(info)
+        emit_json(info)
         return
     table = Table(title=f"model {src}", show_header=False)
     for key in ("name", "embed_dim"):
@@ -185,7 +182,7 @@ def embed_images(
     summary = {"count": len(files), "dim": int(emb.shape[1]), "out": str(out), "seconds": round(secs, 3),
                "items_per_s": round(len(files) / secs, 2) if secs > 0 else None, "precision": precision}
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
     else:
         console.print(f"embedded {len(files)} images -> {out} [{emb.shape[0]}x{emb.shape[1]}] in {secs:.1f}s")
 
@@ -219,7 +216,7 @@ def embed_texts(
     _atomic_save_npy(out, emb)
     summary = {"count": len(items), "dim": int(emb.shape[1]), "out": str(out), "seconds": round(secs, 3)}
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
     else:
         console.print(f"embedded {len(items)} texts -> {out} [{emb.shape[0]}x{emb.shape[1]}] in {secs:.1f}s")
 
@@ -249,7 +246,7 @@ def data_prepare(
     write_manifest(result.rows, out)
     summary = {**result.summary, "manifest": str(out)}
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
         return
     table = Table(title=f"{dataset}: {root} -> {out}", show_header=False)
     for key in ("studies", "images", "patients", "reports", "labelled_images", "skipped"):
@@ -281,7 +278,7 @@ def data_synth(
     summary = dataclasses.asdict(synthesize(out, studies=studies, seed=seed, layout=layout, broken=broken,
                                             image_size=image_size))
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
         return
     console.print(
         f"wrote {summary['studies']} studies, {summary['images']} images, {summary['reports']} reports "
@@ -309,7 +306,7 @@ def data_cache(
     target = manifest_out or out / "manifest.csv"
     write_manifest(result.rows, target)
     if json_out:
-        _emit_json({"cached": result.cached, "reused": result.reused, "images": len(result.rows),
+        emit_json({"cached": result.cached, "reused": result.reused, "images": len(result.rows),
                     "failed": [{"path": str(p), "reason": r} for p, r in result.failed], "out": str(out),
                     "manifest": str(target)})
     else:
@@ -319,12 +316,11 @@ def data_cache(
 # -------------------------------------------------------------------------------------- demo
 def _demo_train(request: Any) -> Dict[str, Any]:
     """The demo's training step (index/ must not import train/, so the CLI injects it): resumes a killed run."""
-    from cxr_search.config import parse_set_options
+    from cxr_search.config import nest_overrides
     from train.config import get_recipe
     from train.trainer import train
 
-    sets = [f"{key}={json.dumps(value)}" for key, value in request.overrides.items()]
-    cfg = get_recipe(request.recipe, **parse_set_options(sets))
+    cfg = get_recipe(request.recipe, **nest_overrides(request.overrides))
     return train(cfg, [request.manifest], request.run_dir, resume=True, progress=request.progress).to_dict()
 
 
@@ -403,23 +399,16 @@ def demo(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
     """Synthetic PACS archive -> train tiny-synth -> index -> example queries + HTML gallery -> Recall@K."""
-    from cxr_search.errors import ConfigError
+    from cxr_search.config import parse_set_pairs
     from index.demo import DemoOptions, run_demo
 
-    overrides: Dict[str, Any] = {}
-    for item in set_:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw
-    opts = DemoOptions(studies=studies, seed=seed, epochs=epochs, train_overrides=overrides, progress=progress)
+    # Flat dotted keys: the demo merges them over its own training overrides and fingerprints them.
+    opts = DemoOptions(studies=studies, seed=seed, epochs=epochs, train_overrides=parse_set_pairs(set_),
+                       progress=progress)
     result = run_demo(out, train_fn=_demo_train, options=opts,
                       say=lambda msg: console.print(f"[bold]demo[/bold] {msg}"))
     if json_out:
-        _emit_json(result.to_dict())
+        emit_json(result.to_dict())
     else:
         _demo_tables(result)
 

@@ -272,8 +272,8 @@ def get_model_config(name_or_config: Union[str, ModelConfig, Mapping[str, Any]],
     return ModelConfig.from_dict(_merge(base, overrides))
 
 
-def parse_set_options(items: List[str]) -> Dict[str, Any]:
-    """Turn CLI ``--set a.b=value`` strings into a nested override mapping.
+def parse_set_pairs(items: List[str]) -> Dict[str, Any]:
+    """Turn CLI ``--set a.b=value`` strings into a flat ``{"a.b": value}`` mapping (later items win).
 
     Values are parsed as JSON when possible (numbers, booleans, lists), else kept as strings.
 
@@ -289,12 +289,29 @@ def parse_set_options(items: List[str]) -> Dict[str, Any]:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        out[key.strip()] = value
+    return out
+
+
+def nest_overrides(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: dotted keys to the nested override mapping configs take."""
+    out: Dict[str, Any] = {}
+    for key, value in flat.items():
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return out
+
+
+def parse_set_options(items: List[str]) -> Dict[str, Any]:
+    """Turn CLI ``--set a.b=value`` strings into a nested override mapping (see :func:`parse_set_pairs`).
+
+    Raises:
+        ConfigError: An item without ``=``.
+    """
+    return nest_overrides(parse_set_pairs(items))
 
 
 def load_config_file(path: Union[str, Path]) -> ModelConfig:

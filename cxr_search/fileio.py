@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader (or a run killed mid-write) never sees a half-written file."""
+"""Atomic file writes (a reader, or a run killed mid-write, never sees a half-written file) and the
+JSON every command prints with ``--json``."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Union
@@ -30,4 +32,12 @@ def write_json_atomic(path: Union[str, Path], data: Any, **dumps_kwargs: Any) ->
     write_text_atomic(path, json.dumps(data, indent=2, **dumps_kwargs) + "\n")
 
 
-__all__ = ["write_json_atomic", "write_text_atomic"]
+def emit_json(data: Any) -> None:
+    """Write ``data`` as indented JSON on stdout: the ``--json`` output of every CLI command.
+
+    Values JSON cannot encode (paths, dates) are written as their ``str``.
+    """
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+__all__ = ["emit_json", "write_json_atomic", "write_text_atomic"]

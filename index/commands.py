@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -12,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_search.errors import ConfigError
+from cxr_search.fileio import emit_json
 
 console = Console(stderr=True)
 index_app = typer.Typer(help="Build, extend, check and inspect a search index.", no_args_is_help=True)
@@ -19,10 +18,6 @@ search_app = typer.Typer(help="Search an index by text or by image.", no_args_is
 
 _MODEL_HELP = "Model: released CXR-CLIP file, our model directory, or preset (the index's model)."
 _DB_HELP = "Store URL (SQLAlchemy, e.g. postgresql+psycopg://host/db); default: INDEX_DIR/store.sqlite or $CXR_SEARCH_DB_URL."
-
-
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _load(model: str, tokenizer: Optional[Path], *, need_text: bool) -> Any:
@@ -62,7 +57,7 @@ def _build(command: str, archive: Path, model: str, tokenizer: Optional[Path], r
                         catalogue_only=catalogue_only)
     summary = build(archive, out, m, opts, command=command)
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
         return
     t = Table(title=f"index {command}: {out}")
     for col in ("", "images", "studies", "sections", "failed"):
@@ -133,7 +128,7 @@ def index_remove(
     finally:
         idx.close()
     if json_out:
-        _emit_json({"index": str(index), "removed": removed})
+        emit_json({"index": str(index), "removed": removed})
     else:
         console.print(f"removed {removed['study']} studies, {removed['image']} images, {removed['section']} sections")
 
@@ -153,7 +148,7 @@ def index_verify(
     m = _load(model, tokenizer, need_text=False) if model else None
     report = verify(index, model=m, deep=deep, db_url=db, progress=not json_out)
     if json_out:
-        _emit_json(report)
+        emit_json(report)
     else:
         for p in report["problems"]:
             console.print(f"[red]{p['kind']}[/red]: {p['problem']} ({p['count']}; e.g. ids {p['examples']})")
@@ -173,7 +168,7 @@ def index_stats(
 
     info = stats(index, db_url=db)
     if json_out:
-        _emit_json(info)
+        emit_json(info)
         return
     t = Table(title=f"index {index}")
     t.add_column("")
@@ -206,7 +201,7 @@ def _finish(kind: str, query: str, hits: List[Any], json_out: bool, html_out: Op
 
         write_gallery(html_out, f"cxr-search {kind} query", query, hits, query_image=query_image)
     if json_out:
-        _emit_json({"query": query, "kind": kind, "hits": [h.to_dict() for h in hits],
+        emit_json({"query": query, "kind": kind, "hits": [h.to_dict() for h in hits],
                     "html": str(html_out) if html_out else None})
     else:
         _print_hits(f"{kind}: {query}", hits)

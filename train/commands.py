@@ -7,16 +7,16 @@ process runs the same command line.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import click
 import typer
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
+
+from cxr_search.fileio import emit_json
 
 console = Console(stderr=True)
 
@@ -35,10 +35,6 @@ train_app = typer.Typer(
     no_args_is_help=True,
     help="Train CXR-CLIP models (`train RECIPE --data M.csv --out DIR`), run the linear probe, list recipes.",
 )
-
-
-def _emit_json(data: Dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 @train_app.command("run")
@@ -62,7 +58,7 @@ def train_run(
         return  # under torchrun only rank 0 reports
     summary = result.to_dict()
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
         return
     if result.stopped == "time":
         console.print(f"stopped after max_minutes at step {result.steps}/{result.total_steps}; "
@@ -87,7 +83,7 @@ def train_recipes(json_out: bool = typer.Option(False, "--json")) -> None:
         rows.append({"name": name, "model": cfg.model, "init": cfg.init.kind, "datasets": list(cfg.data.datasets),
                      "epochs": cfg.optim.epochs, "batch_size": cfg.optim.batch_size, "description": cfg.description})
     if json_out:
-        _emit_json({"recipes": rows})
+        emit_json({"recipes": rows})
         return
     table = Table(title="training recipes")
     for col in ("name", "model", "init", "datasets", "epochs", "batch"):
@@ -127,7 +123,7 @@ def train_probe(
 
         write_json_atomic(out, summary)
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
         return
     table = Table(title=f"linear probe: {int(fraction * 100)} % of labels, {result.epochs} epochs")
     table.add_column("class")

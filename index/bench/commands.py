@@ -6,24 +6,19 @@ and prints a table (or JSON with ``--json``).
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
 
+from cxr_search.fileio import emit_json
+
 console = Console(stderr=True)
 bench_app = typer.Typer(help="Reproducible benchmarks: retrieval, zero-shot, overlap, speed.", no_args_is_help=True)
 
 MODEL_HELP = "Model: released CXR-CLIP file, our model directory, or preset."
 TOKENIZER_HELP = "Tokenizer directory (needed for released CXR-CLIP files)."
-
-
-def emit_json(data: Any) -> None:
-    """Write ``data`` as indented JSON on stdout (the machine-readable output of every bench command)."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def load_bench_model(model: str, tokenizer: Optional[Path], device: str = "auto") -> Any:

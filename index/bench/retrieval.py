@@ -285,13 +285,15 @@ def evaluated_ids(studies: Sequence[EvalStudy], protocol: str) -> List[Dict[str,
 
 
 def write_ids(path: Path, ids: Sequence[Dict[str, str]]) -> None:
-    """Write :func:`evaluated_ids` as CSV (atomically)."""
+    """Write an evaluated-id list (:func:`evaluated_ids`, or any rows with at least dataset, study_id and
+    image_id, the columns :func:`read_ids` reads) as CSV, atomically; columns in the first row's order."""
     import io
 
     from cxr_search.fileio import write_text_atomic
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["dataset", "study_id", "image_id", "text_sha256"], lineterminator="\n")
+    fields = list(ids[0]) if ids else ["dataset", "study_id", "image_id"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(ids)
     write_text_atomic(path, buf.getvalue())

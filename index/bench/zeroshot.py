@@ -31,8 +31,6 @@ so rerunning on the same data and model gives identical JSON.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -42,8 +40,9 @@ import numpy as np
 from cxr_search.classification_metrics import accuracy, auroc, f1_score
 from cxr_search.datasets.manifest import SPLITS, ManifestRow
 from cxr_search.errors import ConfigError, DatasetError
-from cxr_search.fileio import write_json_atomic, write_text_atomic
+from cxr_search.fileio import write_json_atomic
 from cxr_search.prompts import binary_prompts
+from index.bench.retrieval import write_ids
 from index.bench.zeroshot_prompts import (
     CHEXPERT5X200_CLASSES,
     NEGATION_SAFE_PROMPTS,
@@ -399,11 +398,7 @@ def write_outputs(
     json_path = out / f"zeroshot-{result['task']}.json"
     ids_path = out / "evaluated_ids.csv"
     write_json_atomic(json_path, result)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["dataset", "study_id", "image_id"])
-    writer.writerows([row.dataset, row.study_id, row.image_id] for row in rows)
-    write_text_atomic(ids_path, buffer.getvalue())
+    write_ids(ids_path, [{"dataset": r.dataset, "study_id": r.study_id, "image_id": r.image_id} for r in rows])
     return json_path, ids_path
 
 

@@ -55,6 +55,7 @@ def test_recipe_overrides_and_unknown_keys() -> None:
 def test_resume_refuses_changed_settings_but_allows_harmless_ones() -> None:
     a = get_recipe("tiny-synth").to_dict()
     _check_resume_config(a, get_recipe("tiny-synth", max_minutes=5, data={"num_workers": 0}).to_dict(), "out")
+    _check_resume_config(a, get_recipe("tiny-synth", channels_last=not a["channels_last"]).to_dict(), "out")
     with pytest.raises(ConfigError, match="optim.batch_size"):
         _check_resume_config(a, get_recipe("tiny-synth", optim={"batch_size": 32}).to_dict(), "out")
 

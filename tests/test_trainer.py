@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from cxr_search.checkpoints import load_model
 from cxr_search.errors import ConfigError, DatasetError
+from cxr_search.tokenizer import TextTokenizer
 from tests.train_fixtures import fast_overrides, make_manifest
 from train.config import get_recipe
 from train.metrics_log import read_metrics
@@ -144,3 +146,57 @@ def test_manifest_without_reports_is_refused(manifest: Path, tmp_path: Path) -> 
     write_manifest(rows, bare)
     with pytest.raises(DatasetError, match="no report text"):
         train(get_recipe("tiny-synth", **fast_overrides()), [bare], tmp_path / "run", progress=False)
+
+
+def test_channels_last_gives_the_same_loss_and_gradients(manifest: Path) -> None:
+    """NHWC is a memory layout only: one study batch gives the same loss and gradients in both layouts.
+
+    (Whole runs are not compared weight for weight: Adam turns float-rounding differences of near-zero
+    gradients into lr-sized steps, so two layouts drift apart by ~lr within a few steps.)
+    """
+    from cxr_search.config import get_model_config
+    from cxr_search.model import create_model
+    from cxr_search.training_data import StudyDataset, make_collate
+    from train.data import load_training_rows
+    from train.losses import cxr_clip_loss
+    from train.trainer import StudyForward, _pad_cat
+
+    cfg = get_recipe("tiny-synth", **fast_overrides())
+    rows, _ = load_training_rows([manifest], cfg.data)
+    model = create_model(get_model_config(cfg.model, **cfg.model_overrides))
+    ds = StudyDataset(rows, model.config.preprocess, train=False)
+    batch = make_collate(TextTokenizer.basic())([ds[i] for i in range(8)])
+    tokens = _pad_cat(batch["text1"], batch["text2"])
+    results = []
+    for channels_last in (False, True):
+        net = copy.deepcopy(model).train()
+        if channels_last:
+            net.image_tower.to(memory_format=torch.channels_last)
+        out = StudyForward(net, channels_last=channels_last)(batch["image1"], batch["image2"],
+                                                             tokens["input_ids"], tokens["attention_mask"])
+        loss = cxr_clip_loss(*out)["loss"]
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.contiguous() for k, p in net.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and any("image_tower" in k for k in grads_a)
+    for key in grads_a:
+        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_channels_last_run_saves_plain_weights_and_may_change_on_resume(manifest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    def interrupt(step: int) -> None:
+        if step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(get_recipe("tiny-synth", **fast_overrides(channels_last=True)), [manifest], out, progress=False,
+              on_step=interrupt)
+    result = train(get_recipe("tiny-synth", **fast_overrides()), [manifest], out, resume=True, progress=False)
+    assert result.stopped == "done" and result.steps == 6
+    lines = read_metrics(out, "train")
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    model = load_model(out / "model")
+    assert all(t.is_contiguous() for t in model.state_dict().values())

@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["TrainResult", "train"]
 
 # Settings that may change between a run and its resumption (they do not change the weights).
-_RESUMABLE_CHANGES = {"max_minutes", "device", "log_every", "data.num_workers", "description"}
+# Keys a resumed run may change: they change neither the weights' meaning nor the data order.
+_RESUMABLE_CHANGES = {"max_minutes", "device", "log_every", "data.num_workers", "description", "channels_last"}
 
 
 @dataclass
@@ -86,14 +87,16 @@ class TrainResult:
 class StudyForward(nn.Module):
     """Both towers on a study batch, in one forward (what DDP wraps)."""
 
-    def __init__(self, model: CXRClip) -> None:
+    def __init__(self, model: CXRClip, *, channels_last: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, image1: torch.Tensor, image2: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         b = image1.shape[0]
-        img = self.model.encode_image(torch.cat([image1, image2], dim=0))  # [2b, D]
+        images = torch.cat([image1, image2], dim=0).contiguous(memory_format=self.memory_format)  # [2b, C, H, W]
+        img = self.model.encode_image(images)  # [2b, D]
         txt = self.model.encode_text(input_ids, attention_mask)  # [2b, D]
         scale = self.model.logit_scale.float().exp()  # []
         return img[:b], img[b:], txt[:b], txt[b:], scale
@@ -204,6 +207,8 @@ def train(
     model.to(device).train()
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(model)
+    if cfg.channels_last:
+        model.image_tower.to(memory_format=torch.channels_last)  # 4-D conv weights become NHWC; the rest is unchanged
 
     preprocess = model.config.preprocess
     transform = train_transform(preprocess, **{k: tuple(v) if isinstance(v, list) else v
@@ -220,7 +225,7 @@ def train(
     total_steps = steps_per_epoch * optim_cfg.epochs
     warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
 
-    forward: nn.Module = StudyForward(model)
+    forward: nn.Module = StudyForward(model, channels_last=cfg.channels_last)
     if dist.is_distributed:
         forward = nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None)

@@ -224,9 +224,21 @@ def merge_overrides(
         if isinstance(out[key], dict) and isinstance(value, Mapping) and key not in free:
             out[key] = merge_overrides(out[key], value, path, free)
         elif isinstance(out[key], dict) and isinstance(value, Mapping):
-            out[key] = {**out[key], **value}  # free-form kwargs dicts: merge without key checks
+            out[key] = _merge_free(out[key], value)  # free-form dicts: merge without key checks
         else:
             out[key] = value
+    return out
+
+
+def _merge_free(base: Dict[str, Any], overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    """Deep-merge into a free-form dict: nested mappings merge (a recipe's ``model_overrides.text``
+    keeps its ``bert_config`` when an override sets ``text.pooling``), other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(out.get(key), dict) and isinstance(value, Mapping):
+            out[key] = _merge_free(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
     return out
 
 

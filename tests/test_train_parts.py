@@ -52,12 +52,24 @@ def test_recipe_overrides_and_unknown_keys() -> None:
         get_recipe("r50-m", init={"kind": "magic"})
 
 
+def test_model_overrides_merge_deeply() -> None:
+    """An override of one nested model key keeps the recipe's other nested keys (it used to drop them)."""
+    base = get_recipe("tiny-synth")
+    assert base.model_overrides["text"]["pooling"] == "mean"
+    cfg = get_recipe("tiny-synth", model_overrides={"text": {"bert_config": {"vocab_size": 40}},
+                                                    "preprocess": {"resize": 96}})
+    assert cfg.model_overrides["text"] == {"bert_config": {"vocab_size": 40}, "pooling": "mean"}
+    assert cfg.model_overrides["tokenizer"] == base.model_overrides["tokenizer"]
+    assert cfg.model_overrides["preprocess"] == {"resize": 96}
+    assert base.model_overrides["text"]["bert_config"] == {"vocab_size": 1000}  # the recipe is not mutated
+
+
 def test_resume_refuses_changed_settings_but_allows_harmless_ones() -> None:
     a = get_recipe("tiny-synth").to_dict()
     _check_resume_config(a, get_recipe("tiny-synth", max_minutes=5, data={"num_workers": 0}).to_dict(), "out")
     _check_resume_config(a, get_recipe("tiny-synth", channels_last=not a["channels_last"]).to_dict(), "out")
     with pytest.raises(ConfigError, match="optim.batch_size"):
-        _check_resume_config(a, get_recipe("tiny-synth", optim={"batch_size": 32}).to_dict(), "out")
+        _check_resume_config(a, get_recipe("tiny-synth", optim={"batch_size": 16}).to_dict(), "out")
 
 
 # ------------------------------------------------------------------------------------ schedule

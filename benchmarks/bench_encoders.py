@@ -11,7 +11,6 @@ Random weights (speed does not depend on their values); synthetic 8-bit images a
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
 from index.bench.speed import encoder_benchmark  # noqa: E402
 
 
@@ -41,10 +41,9 @@ def main() -> None:
         print(f"{row['preset']:<16}{row['precision']:<10}{row['images_per_s']:>10.2f}{row['texts_per_s']:>10.2f}")
     for preset, agree in result["bf16_vs_fp32"].items():
         print(f"{preset}: min bf16-vs-fp32 cosine images {agree['min_image_cosine']:.5f}, texts {agree['min_text_cosine']:.5f}")
-    doc = json.dumps(result, indent=2)
-    print(doc)
+    emit_json(result)
     if args.json:
-        args.json.write_text(doc + "\n")
+        write_json_atomic(args.json, result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ trained in code (nothing is downloaded).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -38,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cxr_search.checkpoints import model_fingerprint  # noqa: E402
+from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
 from cxr_search.model import create_model  # noqa: E402
 from cxr_search.synth import synthesize  # noqa: E402
 from index.engine import BuildOptions, build  # noqa: E402
@@ -163,10 +163,9 @@ def finish(result: dict, out: Path | None) -> None:
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                          "torch": torch.__version__}
     result["command"] = " ".join(sys.argv)
-    doc = json.dumps(result, indent=2)
-    print(doc)
+    emit_json(result)
     if out:
-        out.write_text(doc + "\n")
+        write_json_atomic(out, result)
 
 
 def images_only_build(archive: Path, index_dir: Path, model, opts: BuildOptions) -> dict:

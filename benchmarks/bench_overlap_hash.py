@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
+from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
 from index.bench.image_hash import hash_pixels, read_grey, stretch_to_full_range, thumb_vectors  # noqa: E402
 
 _SUFFIXES = {".dcm", ".png", ".jpg", ".jpeg"}
@@ -114,10 +114,9 @@ def main() -> None:
             "different_images_nearest_p1_p50": [round(float(np.percentile(nearest, q)), 6) for q in (1, 50)],
             "different_pairs_within": {str(c): int((diff <= c).sum()) for c in cuts},
         }
-    doc = json.dumps(result, indent=2)
-    print(doc)
+    emit_json(result)
     if args.json:
-        args.json.write_text(doc + "\n")
+        write_json_atomic(args.json, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import time
@@ -27,6 +26,7 @@ from cxr_search.cache import build_cache
 from cxr_search.checkpoints import load_model
 from cxr_search.config import parse_set_options
 from cxr_search.datasets import prepare, read_manifest, write_manifest
+from cxr_search.fileio import emit_json, write_json_atomic
 from cxr_search.synth import synthesize
 from cxr_search.synth.evaluate import evaluate_heldout, heldout_studies
 from train.config import get_recipe
@@ -116,11 +116,9 @@ def main() -> None:
         "heldout_final": {k: round(v, 4) for k, v in final.items()},
         "heldout_final_all_findings": {k: round(v, 4) for k, v in final_all.items()},
     }
-    text = json.dumps(out, indent=2)
-    print(text)
+    emit_json(out)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+        write_json_atomic(args.out, out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -37,6 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxr_search.checkpoints import load_model
 from cxr_search.datasets import read_manifest
+from cxr_search.fileio import emit_json, write_json_atomic
 from cxr_search.metrics import label_precision_at_k
 from cxr_search.synth.evaluate import HeldoutStudy, evaluate_heldout, heldout_studies
 from cxr_search.synth.findings import EXTRAS, FINDINGS
@@ -153,11 +153,9 @@ def main() -> None:
                         "text": probe_aurocs(pt, probe_labels, ht, labels)},
         "attribute_oracles": attribute_oracles(held, work / "heldout-archive" / "ground_truth.csv"),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
+    emit_json(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+        write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["TrainResult", "train"]
 
 # Settings that may change between a run and its resumption (they do not change the weights).
-# Keys a resumed run may change: they change neither the weights' meaning nor the data order.
 _RESUMABLE_CHANGES = {"max_minutes", "device", "log_every", "data.num_workers", "description", "channels_last"}
 
 

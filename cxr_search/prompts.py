@@ -12,6 +12,7 @@ here so that the parity harness and the search UI share one definition.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -236,6 +237,27 @@ def _label_state(label: str, value: Any) -> Optional[float]:
     return number
 
 
+def label_set_key(labels: Mapping[str, Any]) -> int:
+    """A stable non-negative int64 key of a study's set of positive labels (value 1.0).
+
+    Studies with the same positive labels get the same key in every process and run; "No Finding"
+    is left out because it is implied by an empty set. Uncertain (-1.0), negative and blank labels
+    do not count. A study whose labels assert nothing positive gets the key of the empty set.
+
+    Args:
+        labels: Label name -> 1.0 / 0.0 / -1.0 / blank, as in a manifest's ``labels`` JSON.
+
+    Raises:
+        ValueError: A value other than 1.0, 0.0, -1.0 or blank.
+    """
+    positives = sorted(
+        name for name, state in ((str(k).strip().lower(), _label_state(str(k), v)) for k, v in labels.items())
+        if state == 1.0 and name != "no finding"
+    )
+    digest = hashlib.blake2b("|".join(positives).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**62 - 1)
+
+
 def labels_to_report(
     labels: Mapping[str, Any],
     *,
@@ -376,5 +398,6 @@ __all__ = [
     "chestxray14_finding_labels_to_labels",
     "chexpert_row_to_labels",
     "label_phrase",
+    "label_set_key",
     "labels_to_report",
 ]

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from cxr_search.augment import train_transform
 from cxr_search.config import PreprocessConfig
 from cxr_search.errors import DatasetError, DicomError, ImageReadError
-from cxr_search.prompts import CHESTXRAY14_LABELS, CHEXPERT_LABELS, labels_to_report
+from cxr_search.prompts import CHESTXRAY14_LABELS, CHEXPERT_LABELS, label_set_key, labels_to_report
 from cxr_search.tokenizer import TextTokenizer
 from cxr_search.transforms import eval_transform, load_image
 
@@ -239,6 +239,7 @@ class StudyDataset(Dataset):
         kinds: List[int] = []
         sections: List[str] = []  # two per study: findings (or report_text), impression
         labels_json: List[str] = []  # one per study ("" for report studies)
+        label_keys: List[int] = []  # label_set_key of the study's labels (any kind), -1 = none
         vocabs: List[str] = []
         paths: List[str] = []
         view_groups: List[int] = []
@@ -271,6 +272,7 @@ class StudyDataset(Dataset):
             kinds.append(kind)
             sections += [findings, impression]
             labels_json.append(label_text)
+            label_keys.append(self._label_key(label_row, dataset, study_id))
             vocabs.append(vocab)
             for r in members:
                 paths.append(_cell(r, "image_path"))
@@ -292,6 +294,7 @@ class StudyDataset(Dataset):
         self._kinds = np.asarray(kinds, dtype=np.int8)
         self._sections = _StringTable(sections)
         self._labels = _StringTable(labels_json)
+        self._label_keys = np.asarray(label_keys, dtype=np.int64)
         self._vocab_names = tuple(sorted(set(vocabs)))
         self._vocab_idx = np.asarray([self._vocab_names.index(v) for v in vocabs], dtype=np.int16)
         self._paths = _StringTable(paths)
@@ -325,7 +328,32 @@ class StudyDataset(Dataset):
         mentioned = any(v is not None and v != "" and not (isinstance(v, float) and math.isnan(v)) for v in labels.values())
         return bool(text) and mentioned
 
+    @staticmethod
+    def _label_key(row: Optional[Mapping[str, Any]], dataset: str, study_id: str) -> int:
+        if row is None:
+            return -1
+        try:
+            labels = json.loads(_cell(row, "labels"))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"manifest study {dataset}/{study_id}: 'labels' is not valid JSON ({exc})") from exc
+        if not isinstance(labels, dict):
+            raise DatasetError(f"manifest study {dataset}/{study_id}: 'labels' must be a JSON object label -> value")
+        try:
+            return label_set_key(labels)
+        except ValueError as exc:
+            raise DatasetError(f"manifest study {dataset}/{study_id}: {exc}") from exc
+
     # ------------------------------------------------------------------------------ access
+    def label_keys(self, indices: Union[Sequence[int], np.ndarray, torch.Tensor]) -> torch.Tensor:
+        """[len(indices)] int64 :func:`label_set_key` of each study (-1 = the study has no labels)."""
+        idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+        return torch.from_numpy(self._label_keys[idx].copy())
+
+    @property
+    def labelled_studies(self) -> int:
+        """Number of studies with labels (a label-set key), of any kind."""
+        return int((self._label_keys >= 0).sum())
+
     def __len__(self) -> int:
         return len(self._study_ids)
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from train.distributed import (
+    all_gather_tensor,
     all_gather_with_grad,
     all_reduce_mean,
     barrier,
@@ -33,6 +34,9 @@ EMBED_DIM = 16
 N_VIEWS = 4  # image1, image2, text1, text2
 GATHER_ROWS = 2  # rows per rank in the plain all-gather gradient check
 GATHER_DIM = 3
+#: Label-set keys of the global batch for the label term: repeats across the two ranks, and -1 (no labels).
+LABEL_KEYS = (5, 5, -1, 7, 5, 7, -1, 9)
+LABEL_WEIGHT = 0.7
 
 
 class TinyEncoder(nn.Module):
@@ -63,11 +67,17 @@ def loss_of(
     x: torch.Tensor,
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]],
     offset: int,
+    label_keys: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
-    """CXR-CLIP loss of views ``x`` [4, b, IN_DIM], encoded in ONE forward call (DDP needs one)."""
+    """CXR-CLIP loss of views ``x`` [4, b, IN_DIM], encoded in ONE forward call (DDP needs one).
+
+    ``label_keys`` (the gathered batch's keys) switch the label term on with weight ``LABEL_WEIGHT``.
+    """
     n, b, d = x.shape
     emb = model(x.reshape(n * b, d)).reshape(n, b, EMBED_DIM)  # [4, b, D]
-    return cxr_clip_loss(emb[0], emb[1], emb[2], emb[3], logit_scale.exp(), gather=gather, offset=offset)
+    weight = LABEL_WEIGHT if label_keys is not None else 0.0
+    return cxr_clip_loss(emb[0], emb[1], emb[2], emb[3], logit_scale.exp(), gather=gather, offset=offset,
+                         label_weight=weight, label_keys=label_keys)
 
 
 def gather_weights(rank: int) -> torch.Tensor:
@@ -119,6 +129,16 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     res["local_loss"] = {k: v.detach() for k, v in out.items()}
     res["mean_loss"] = {k: all_reduce_mean(v) for k, v in out.items()}
     res["grads"] = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+    # The same with the label term: each rank gathers the keys of the global batch (no gradient).
+    model = TinyEncoder()
+    ddp = DistributedDataParallel(model)
+    keys = all_gather_tensor(torch.tensor(LABEL_KEYS[rank * local : (rank + 1) * local], dtype=torch.int64))
+    res["gathered_keys"] = keys
+    out = loss_of(ddp, model.logit_scale, x_local, all_gather_with_grad, rank * local, label_keys=keys)
+    out["loss"].backward()
+    res["label_mean_loss"] = {k: all_reduce_mean(v) for k, v in out.items()}
+    res["label_grads"] = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
     barrier()
     cleanup()

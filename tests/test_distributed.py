@@ -56,9 +56,9 @@ def no_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def single_process_reference():
+def single_process_reference(label_keys=None):
     model = dw.TinyEncoder()
-    out = dw.loss_of(model, model.logit_scale, dw.global_inputs(), gather=None, offset=0)
+    out = dw.loss_of(model, model.logit_scale, dw.global_inputs(), gather=None, offset=0, label_keys=label_keys)
     out["loss"].backward()
     grads = {name: p.grad.detach() for name, p in model.named_parameters()}
     return {k: v.detach() for k, v in out.items()}, grads
@@ -111,6 +111,18 @@ def test_distributed_loss_and_ddp_gradients_equal_single_process(ranks: List[Dic
     assert abs(ranks[0]["local_loss"]["loss"] - ranks[1]["local_loss"]["loss"]) > 1e-3
     for name in ref_grads:
         assert ref_grads[name].abs().max() > 1e-4
+
+
+def test_distributed_label_term_equals_single_process(ranks: List[Dict]) -> None:
+    keys = torch.tensor(dw.LABEL_KEYS, dtype=torch.int64)
+    ref_loss, ref_grads = single_process_reference(keys)
+    assert ref_loss["label"] > 0 and ref_loss["loss"] > ref_loss["clip"] + ref_loss["icl"] + 0.5 * ref_loss["tcl"]
+    for res in ranks:
+        assert torch.equal(res["gathered_keys"], keys)
+        for key in ("loss", "clip", "icl", "tcl", "label"):
+            torch.testing.assert_close(res["label_mean_loss"][key], ref_loss[key], atol=1e-10, rtol=0)
+        for name, grad in res["label_grads"].items():
+            torch.testing.assert_close(grad, ref_grads[name], atol=1e-10, rtol=0)
 
 
 # ---------------------------------------------------------------- one process

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.losses import clip_term, contrastive_ce, cxr_clip_loss, symmetric_ce
+from train.losses import clip_term, contrastive_ce, cxr_clip_loss, label_targets, symmetric_ce
 
 
 def unit(*shape: int, seed: int, dtype: torch.dtype = torch.float64, grad: bool = False) -> torch.Tensor:
@@ -273,3 +273,101 @@ def test_random_embeddings_give_log_batch() -> None:
     for key in ("clip", "icl", "tcl"):
         assert out[key].item() == pytest.approx(math.log(b), abs=0.05), key
     assert out["loss"].item() == pytest.approx(2.5 * math.log(b), abs=0.1)
+
+
+# ---------------------------------------------------------------- label term (cxr-search extension)
+
+
+def naive_soft_ce(q: torch.Tensor, k: torch.Tensor, s, keys: Sequence[int], offset: int = 0) -> torch.Tensor:
+    """Sum over labelled rows of -sum_j t_ij log softmax(s * <q_i, k_j>)_j / rows, t uniform over same-label keys."""
+    total = 0
+    for i in range(q.shape[0]):
+        mine = keys[offset + i]
+        if mine < 0:  # no labels: no target, no loss
+            continue
+        pos = [j for j in range(k.shape[0]) if keys[j] == mine]
+        row = [s * sum(q[i, d] * k[j, d] for d in range(q.shape[1])) for j in range(k.shape[0])]
+        log_denom = torch.log(sum(torch.exp(x) for x in row))
+        total = total + sum(log_denom - row[j] for j in pos) / len(pos)
+    return total / q.shape[0]
+
+
+def naive_label_term(images, texts, s, keys, images_all=None, texts_all=None, offset=0):
+    images_all = images if images_all is None else images_all
+    texts_all = texts if texts_all is None else texts_all
+    i2t, t2i = [], []
+    for img, img_all in zip(images, images_all):
+        for txt, txt_all in zip(texts, texts_all):
+            i2t.append(naive_soft_ce(img, txt_all, s, keys, offset))
+            t2i.append(naive_soft_ce(txt, img_all, s, keys, offset))
+    return (sum(i2t) / len(i2t) + sum(t2i) / len(t2i)) / 2
+
+
+def test_label_targets_are_uniform_over_same_label_studies() -> None:
+    keys = torch.tensor([3, -1, 3, 8, -1, 3])
+    t = label_targets(keys, offset=0, b=6)
+    assert t.shape == (6, 6)
+    torch.testing.assert_close(t.sum(1), torch.tensor([1.0, 0, 1, 1, 0, 1]))
+    torch.testing.assert_close(t[0], torch.tensor([1 / 3, 0, 1 / 3, 0, 0, 1 / 3]))
+    torch.testing.assert_close(t[1], torch.zeros(6))  # no labels: no target
+    torch.testing.assert_close(t[3], torch.tensor([0.0, 0, 0, 1, 0, 0]))  # a label set nobody else has
+    # Rank 1 of 2 (queries 3..5): the same rows as the single-process targets.
+    torch.testing.assert_close(label_targets(keys, offset=3, b=3), t[3:])
+    with pytest.raises(ValueError, match="outside"):
+        label_targets(keys, offset=4, b=3)
+    with pytest.raises(ValueError, match="1-d"):
+        label_targets(keys[None], offset=0, b=1)
+
+
+def test_label_term_equals_naive_loop_with_gradients() -> None:
+    views = [unit(5, 4, seed=90 + i, grad=True) for i in range(4)]
+    keys = [2, 7, 2, -1, 2]
+    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    out = cxr_clip_loss(*views, s, label_weight=0.6, label_keys=torch.tensor(keys))
+    label = naive_label_term(views[:2], views[2:], s, keys)
+    ref, _, _, _ = naive_cxr(*views, s)
+    assert out["label"].item() == pytest.approx(label.item(), abs=1e-12)
+    assert out["loss"].item() == pytest.approx((ref + 0.6 * label).item(), abs=1e-12)
+    inputs = [*views, s]
+    for gf, gs in zip(grads(out["loss"], inputs), grads(ref + 0.6 * label, inputs)):
+        torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
+
+
+def test_label_term_with_gather_and_offset() -> None:
+    views = [unit(2, 4, seed=100 + i, grad=True) for i in range(4)]
+    others = {id(v): unit(3, 4, seed=110 + i) for i, v in enumerate(views)}
+
+    def gather(t: torch.Tensor) -> torch.Tensor:  # rank 1 of 2, three rows before ours
+        return torch.cat([others[id(t)], t])  # [5, 4]
+
+    keys = [4, -1, 9, 4, -1]  # query 3 shares its labels with gathered row 0
+    s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    out = cxr_clip_loss(*views, s, label_weight=1.0, label_keys=torch.tensor(keys), gather=gather, offset=3)
+    gathered = [gather(v) for v in views]
+    label = naive_label_term(views[:2], views[2:], s, keys, gathered[:2], gathered[2:], offset=3)
+    assert out["label"].item() == pytest.approx(label.item(), abs=1e-12)
+    inputs = [*views, s]
+    for gf, gs in zip(grads(out["label"], inputs), grads(label, inputs)):
+        torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
+
+
+def test_label_term_without_shared_labels_is_the_clip_term_and_without_labels_zero() -> None:
+    views = [unit(4, 6, seed=120 + i) for i in range(4)]
+    out = cxr_clip_loss(*views, 5.0, label_weight=2.0, label_keys=torch.tensor([1, 3, 4, 0]))
+    assert out["label"].item() == pytest.approx(out["clip"].item(), abs=1e-12)
+    # A batch without labels (e.g. a PACS export): the label term adds nothing, the loss is the reference.
+    none = cxr_clip_loss(*views, 5.0, label_weight=2.0, label_keys=torch.tensor([-1, -1, -1, -1]))
+    off = cxr_clip_loss(*views, 5.0)
+    assert none["label"].item() == 0.0 and none["loss"].item() == pytest.approx(off["loss"].item(), abs=1e-12)
+    assert off["label"].item() == 0.0
+    assert out["loss"].item() == pytest.approx(off["loss"].item() + 2.0 * off["clip"].item(), abs=1e-12)
+    with pytest.raises(ValueError, match="label_keys"):
+        cxr_clip_loss(*views, 5.0, label_weight=1.0)
+    with pytest.raises(ValueError, match="label_weight"):
+        cxr_clip_loss(*views, 5.0, label_weight=-0.5, label_keys=torch.tensor([1, 2, 3, 4]))
+
+
+def test_contrastive_ce_rejects_targets_of_the_wrong_shape() -> None:
+    q, k = unit(3, 4, seed=130), unit(5, 4, seed=131)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        contrastive_ce(q, k, 1.0, targets=torch.ones(3, 4) / 4)

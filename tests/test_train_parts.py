@@ -50,6 +50,17 @@ def test_recipe_overrides_and_unknown_keys() -> None:
         get_recipe("r51-m")
     with pytest.raises(ConfigError, match="init.kind"):
         get_recipe("r50-m", init={"kind": "magic"})
+    with pytest.raises(ConfigError, match="loss.label_weight"):
+        get_recipe("r50-m", loss={"label_weight": -1.0})
+    with pytest.raises(ConfigError, match="loss.icl_weight"):
+        get_recipe("r50-m", loss={"icl_weight": float("nan")})
+
+
+def test_released_recipes_use_the_reference_loss() -> None:
+    """The six released configurations train CXR-CLIP's loss exactly: no label term."""
+    for name in ("r50-m", "r50-mc", "r50-mcc", "swint-m", "swint-mc", "swint-mcc"):
+        loss = get_recipe(name).loss
+        assert (loss.icl_weight, loss.tcl_weight, loss.label_weight) == (1.0, 0.5, 0.0), name
 
 
 def test_model_overrides_merge_deeply() -> None:

@@ -24,6 +24,7 @@ from cxr_search.augment import TrainTransform, apply_clahe, train_transform
 from cxr_search.config import PreprocessConfig
 from cxr_search.errors import ConfigError, DatasetError, ImageReadError
 from cxr_search.tokenizer import TextTokenizer
+from cxr_search.prompts import label_set_key
 from cxr_search.training_data import StudyDataset, epoch_generator, make_collate
 from cxr_search.transforms import eval_transform, load_image
 
@@ -303,6 +304,37 @@ def test_studies_without_text_or_labels_dropped(flat_images, caplog):
         StudyDataset([row("pacs", "s9", "a", p[50], labels='{"Edema": 2.0}')], PRE)
     with pytest.raises(DatasetError, match="image_path"):
         StudyDataset([row("pacs", "s1", "a", "", findings="x")], PRE)
+
+
+def test_label_set_key_depends_on_the_positive_set_only():
+    a = label_set_key({"Edema": 1.0, "Cardiomegaly": 1.0, "Pneumothorax": 0.0})
+    assert a == label_set_key({"cardiomegaly": 1.0, " Edema ": 1.0})  # order, case, negatives
+    assert a == label_set_key({"Edema": 1.0, "Cardiomegaly": 1.0, "Pneumonia": -1.0, "Fracture": None})
+    assert a != label_set_key({"Edema": 1.0})
+    assert a != label_set_key({"Edema": 1.0, "Cardiomegaly": 1.0, "Pneumonia": 1.0})
+    normal = label_set_key({"No Finding": 1.0})
+    assert normal == label_set_key({}) == label_set_key({"Edema": 0.0, "Effusion": -1.0})
+    assert normal != a and 0 <= normal < 2**62 and 0 <= a < 2**62
+
+
+def test_label_keys_of_report_and_label_studies(flat_images):
+    p = flat_images(50)
+    rows = [
+        row("mimic-cxr", "r1", "a", p[50], findings="Mild edema.", labels=json.dumps({"Edema": 1.0})),
+        row("mimic-cxr", "r2", "b", p[50], findings="Clear.", labels=json.dumps({"No Finding": 1.0})),
+        row("pacs", "r3", "c", p[50], findings="Edema."),  # a report without labels
+        row("chexpert", "l1", "d", p[50], labels=json.dumps({"Edema": 1.0, "Atelectasis": 0.0}), label_vocab="chexpert"),
+    ]
+    ds = StudyDataset(rows, PRE)
+    keys = ds.label_keys(torch.tensor([0, 1, 2, 3]))
+    assert keys.dtype == torch.int64
+    assert keys.tolist() == [label_set_key({"Edema": 1.0}), label_set_key({}), -1, label_set_key({"Edema": 1.0})]
+    assert ds.label_keys([3, 0]).tolist() == [keys[3], keys[0]]
+    assert ds.labelled_studies == 3
+    with pytest.raises(DatasetError, match="mimic-cxr/r9.*not valid JSON"):
+        StudyDataset([row("mimic-cxr", "r9", "a", p[50], findings="x", labels="{Edema")], PRE)
+    with pytest.raises(DatasetError, match="mimic-cxr/r8.*Edema"):
+        StudyDataset([row("mimic-cxr", "r8", "a", p[50], findings="x", labels='{"Edema": 2.0}')], PRE)
 
 
 # ---------------------------------------------------------------------------------- dataset: validation

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -127,10 +128,22 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the study-level terms (spec section 4: ICL 1.0, TCL 0.5)."""
+    """Weights of the study-level terms (spec section 4: ICL 1.0, TCL 0.5).
+
+    ``label_weight`` > 0 adds cxr-search's label term (:func:`train.losses.cxr_clip_loss`): studies
+    of a batch with the same set of positive labels (manifest ``labels``) are positives of each
+    other. 0, the default of the released recipes, is the reference CXR-CLIP loss.
+    """
 
     icl_weight: float = 1.0
     tcl_weight: float = 0.5
+    label_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("icl_weight", "tcl_weight", "label_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(float(value)) or float(value) < 0:
+                raise ConfigError(f"loss.{name} must be a finite number >= 0, got {value}")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DistInfo",
     "init_distributed",
+    "all_gather_tensor",
     "all_gather_with_grad",
     "all_reduce_mean",
     "broadcast_object",
@@ -233,6 +234,20 @@ def all_gather_with_grad(t: Tensor, *, check_shapes: bool = False) -> Tensor:
             raise ValueError(f"all_gather_with_grad shape check supports at most 8 dims, got {t.dim()}")
         _check_same_shape(t)
     return _GatherWithGrad.apply(t)  # [world * b, ...]
+
+
+@torch.no_grad()
+def all_gather_tensor(t: Tensor) -> Tensor:
+    """Concatenate ``t`` (any dtype, same shape on every rank) from every rank in rank order, no gradient.
+
+    Returns ``t`` itself when not distributed.
+    """
+    if not is_distributed():
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)  # [world * b, ...]
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ def validate(
     precision: str = "fp32",
     icl_weight: float = 1.0,
     tcl_weight: float = 0.5,
+    label_weight: float = 0.0,
     num_workers: int = 0,
     progress: Optional[Callable[[int], None]] = None,
 ) -> Dict[str, float]:
@@ -58,8 +59,10 @@ def validate(
     Recall uses each study's first image and first text (findings when present): image->text and
     text->image over all validation studies, a study's own text (image) being its only positive.
 
+    ``label_weight`` > 0 adds the label term (keys from the dataset's labels), as in training.
+
     Returns:
-        ``val_loss``, ``val_clip``, ``val_icl``, ``val_tcl``, ``i2t_R@1/5/10``, ``t2i_R@1/5/10``,
+        ``val_loss``, ``val_clip``, ``val_icl``, ``val_tcl``, ``val_label``, ``i2t_R@1/5/10``, ``t2i_R@1/5/10``,
         ``val_R@10`` (mean of both directions), ``val_studies``.
     """
     was_training = model.training
@@ -68,7 +71,7 @@ def validate(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=make_collate(model.tokenizer))
     parts: Dict[str, list] = {"image1": [], "image2": [], "text1": [], "text2": []}
-    sums = {"loss": 0.0, "clip": 0.0, "icl": 0.0, "tcl": 0.0}
+    sums = {"loss": 0.0, "clip": 0.0, "icl": 0.0, "tcl": 0.0, "label": 0.0}
     n_chunks = 0
     scale = model.logit_scale.detach().exp().float()
     for batch in loader:
@@ -76,8 +79,10 @@ def validate(
         for k in parts:
             parts[k].append(emb[k].float().cpu())
         if emb["image1"].shape[0] >= 2:  # a contrastive loss needs negatives
+            keys = dataset.label_keys(batch["study_index"]) if label_weight else None  # type: ignore[arg-type]
             terms = cxr_clip_loss(emb["image1"], emb["image2"], emb["text1"], emb["text2"], scale.to(device),
-                                  icl_weight=icl_weight, tcl_weight=tcl_weight)
+                                  icl_weight=icl_weight, tcl_weight=tcl_weight, label_weight=label_weight,
+                                  label_keys=keys)
             for k in sums:
                 sums[k] += float(terms[k])
             n_chunks += 1

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 GatherFn = Callable[[Tensor], Tensor]
 ScaleLike = Union[Tensor, float]
 
-__all__ = ["GatherFn", "contrastive_ce", "symmetric_ce", "clip_term", "cxr_clip_loss"]
+__all__ = ["GatherFn", "contrastive_ce", "symmetric_ce", "clip_term", "cxr_clip_loss", "label_targets"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -66,7 +66,9 @@ def _gather(t: Tensor, gather: Optional[GatherFn]) -> Tensor:
     return t if gather is None else gather(t)
 
 
-def contrastive_ce(queries: Tensor, keys: Tensor, scale: ScaleLike, offset: int = 0) -> Tensor:
+def contrastive_ce(
+    queries: Tensor, keys: Tensor, scale: ScaleLike, offset: int = 0, targets: Optional[Tensor] = None
+) -> Tensor:
     """Mean cross-entropy of ``scale * queries @ keys.T`` against targets ``offset + arange(b)``.
 
     Args:
@@ -75,12 +77,15 @@ def contrastive_ce(queries: Tensor, keys: Tensor, scale: ScaleLike, offset: int 
             positive of query ``i``.
         scale: Scalar tensor ``exp(logit_scale)``; gradients flow into it.
         offset: Position of this process's rows in ``keys`` (``rank * b`` when gathered).
+        targets: [b, N] probabilities (rows sum to 1) replacing the one-hot targets, e.g. from
+            :func:`label_targets`; None = each query's own row.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
 
     Raises:
-        ValueError: Non-2-d inputs, different embedding sizes, or targets outside ``keys``.
+        ValueError: Non-2-d inputs, different embedding sizes, targets outside ``keys`` or of the
+            wrong shape.
     """
     if queries.dim() != 2 or keys.dim() != 2:
         raise ValueError(
@@ -98,13 +103,17 @@ def contrastive_ce(queries: Tensor, keys: Tensor, scale: ScaleLike, offset: int 
             f"targets offset..offset+b = {offset}..{offset + b} fall outside the {n_keys} keys; offset must be "
             f"rank * local_batch and keys the gathered tensor"
         )
+    if targets is not None and tuple(targets.shape) != (b, n_keys):
+        raise ValueError(f"targets must have shape [queries, keys] = {(b, n_keys)}, got {tuple(targets.shape)}")
     dtype = _compute_dtype(queries, keys)
     s = _as_scale(scale, queries)
     # Autocast off: the logits must not be recomputed in half precision under AMP.
     with torch.autocast(device_type=queries.device.type, enabled=False):
         logits = s.to(dtype) * (queries.to(dtype) @ keys.to(dtype).T)  # [b, N]
-        targets = torch.arange(offset, offset + b, device=queries.device)  # [b]
-        return F.cross_entropy(logits, targets)
+        if targets is not None:
+            return F.cross_entropy(logits, targets.to(dtype))
+        own = torch.arange(offset, offset + b, device=queries.device)  # [b]
+        return F.cross_entropy(logits, own)
 
 
 def symmetric_ce(
@@ -154,14 +163,15 @@ def _clip(
     texts_all: Sequence[Tensor],
     scale: ScaleLike,
     offset: int,
+    targets: Optional[Tensor] = None,
 ) -> Tensor:
     """CLIP term on pre-gathered tensors: mean over pairs of image->text, text->image, then averaged."""
     i2t: List[Tensor] = []
     t2i: List[Tensor] = []
     for image, image_all in zip(images, images_all):
         for text, text_all in zip(texts, texts_all):
-            i2t.append(contrastive_ce(image, text_all, scale, offset))
-            t2i.append(contrastive_ce(text, image_all, scale, offset))
+            i2t.append(contrastive_ce(image, text_all, scale, offset, targets))
+            t2i.append(contrastive_ce(text, image_all, scale, offset, targets))
     return (torch.stack(i2t).mean() + torch.stack(t2i).mean()) / 2
 
 
@@ -195,6 +205,38 @@ def clip_term(
     return _clip(images, texts, images_all, texts_all, scale, offset)
 
 
+def label_targets(label_keys: Tensor, offset: int, b: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Soft targets that share each query's probability over the batch's studies with its label set.
+
+    Row ``i`` (query ``offset + i``) is uniform over every key ``j`` whose label key equals the
+    query's (the same set of positive labels), its own study included. A query without labels
+    (key < 0) gets a row of zeros, so it adds nothing to a soft-target cross-entropy (whose mean
+    still divides by every row: the term's scale does not depend on how many rows have labels, and a
+    batch without labels contributes exactly 0). Used by the optional label term of
+    :func:`cxr_clip_loss` (UniCL-style multi-positive contrast; not part of CXR-CLIP).
+
+    Args:
+        label_keys: [N] int64 label-set keys of the gathered batch (-1 = no labels).
+        offset: Position of this process's queries in the gathered batch.
+        b: Number of this process's queries.
+        dtype: Floating dtype of the targets (the loss's compute dtype, so 1/3 stays exact in float64).
+
+    Returns:
+        [b, N] rows summing to 1 (0 for a query without labels).
+
+    Raises:
+        ValueError: ``label_keys`` is not 1-d or the queries fall outside it.
+    """
+    if label_keys.dim() != 1:
+        raise ValueError(f"label_keys must be a 1-d [batch] tensor, got shape {tuple(label_keys.shape)}")
+    n = label_keys.shape[0]
+    if offset < 0 or offset + b > n:
+        raise ValueError(f"queries offset..offset+b = {offset}..{offset + b} fall outside the {n} label keys")
+    own = label_keys[offset : offset + b]  # [b]
+    match = ((own[:, None] == label_keys[None, :]) & (own[:, None] >= 0)).to(dtype)  # [b, N]; own column set
+    return match / match.sum(dim=1, keepdim=True).clamp(min=1)
+
+
 def _check_weight(name: str, weight: float) -> float:
     weight = float(weight)
     if not math.isfinite(weight) or weight < 0:
@@ -211,14 +253,23 @@ def cxr_clip_loss(
     *,
     icl_weight: float = 1.0,
     tcl_weight: float = 0.5,
+    label_weight: float = 0.0,
+    label_keys: Optional[Tensor] = None,
     gather: Optional[GatherFn] = None,
     offset: int = 0,
 ) -> Dict[str, Tensor]:
-    """The CXR-CLIP loss: ``CLIP + icl_weight * ICL + tcl_weight * TCL``.
+    """The CXR-CLIP loss: ``CLIP + icl_weight * ICL + tcl_weight * TCL`` (+ ``label_weight * LABEL``).
 
     ICL = (CE(I1, I2) + CE(I2, I1)) / 2 and TCL = (CE(T1, T2) + CE(T2, T1)) / 2, keys gathered. Each
     of the four embeddings is gathered once and reused by every term. A weight of 0 skips computing
     its term (the gathers are still needed by the CLIP term).
+
+    LABEL is cxr-search's optional extension (weight 0 = the reference loss): the CLIP term with the
+    soft targets of :func:`label_targets`, so studies with the same set of positive labels in a
+    batch count as positives of each other instead of as negatives; studies without labels add
+    nothing to it. Instance-level contrast alone
+    ranks the study with the same side, size and incidental findings first; this term weights the
+    shared findings.
 
     Args:
         image1: [b, D] first image of each study (L2-normalised).
@@ -228,28 +279,43 @@ def cxr_clip_loss(
         scale: Scalar ``exp(logit_scale)``; gradients flow into it.
         icl_weight: Weight of the image-image term (reference 1.0).
         tcl_weight: Weight of the text-text term (reference 0.5).
+        label_weight: Weight of the label term (0 = off, the reference).
+        label_keys: [N] int64 label-set keys of the GATHERED batch (rank order; -1 = no labels),
+            needed when ``label_weight > 0``.
         gather: All-gather with gradient (``train.distributed.all_gather_with_grad``); None = one process.
         offset: ``rank * b``: this process's rows in the gathered tensors.
 
     Returns:
-        ``{"loss", "clip", "icl", "tcl"}``, 0-d tensors; a skipped term is a zero tensor.
+        ``{"loss", "clip", "icl", "tcl", "label"}``, 0-d tensors; a skipped term is a zero tensor.
 
     Raises:
-        ValueError: Mismatched shapes, a negative or non-finite weight, or a bad offset.
+        ValueError: Mismatched shapes, a negative or non-finite weight, a bad offset, or a label
+            weight without label keys.
     """
     for name, t in (("image2", image2), ("text1", text1), ("text2", text2)):
         _check_pair(image1, t, "image1", name)
     icl_weight = _check_weight("icl_weight", icl_weight)
     tcl_weight = _check_weight("tcl_weight", tcl_weight)
+    label_weight = _check_weight("label_weight", label_weight)
+    if label_weight != 0 and label_keys is None:
+        raise ValueError("label_weight > 0 needs label_keys (the label-set key of every study in the gathered batch)")
     i1_all, i2_all, t1_all, t2_all = (_gather(t, gather) for t in (image1, image2, text1, text2))
 
     clip = _clip((image1, image2), (text1, text2), (i1_all, i2_all), (t1_all, t2_all), scale, offset)
     zero = torch.zeros((), dtype=clip.dtype, device=clip.device)
     icl = _symmetric(image1, image2, i1_all, i2_all, scale, offset) if icl_weight != 0 else zero
     tcl = _symmetric(text1, text2, t1_all, t2_all, scale, offset) if tcl_weight != 0 else zero
+    label = zero
+    if label_weight != 0:
+        assert label_keys is not None
+        targets = label_targets(label_keys.to(image1.device), offset, image1.shape[0],
+                                _compute_dtype(image1, i1_all))  # [b, N]
+        label = _clip((image1, image2), (text1, text2), (i1_all, i2_all), (t1_all, t2_all), scale, offset, targets)
     loss = clip
     if icl_weight != 0:
         loss = loss + icl_weight * icl
     if tcl_weight != 0:
         loss = loss + tcl_weight * tcl
-    return {"loss": loss, "clip": clip, "icl": icl, "tcl": tcl}
+    if label_weight != 0:
+        loss = loss + label_weight * label
+    return {"loss": loss, "clip": clip, "icl": icl, "tcl": tcl, "label": label}

@@ -37,6 +37,7 @@ from train.config import TrainConfig
 from train.data import load_paraphrases, load_training_rows, report_texts, worker_init
 from train.distributed import (
     DistInfo,
+    all_gather_tensor,
     all_gather_with_grad,
     all_reduce_mean,
     barrier,
@@ -216,6 +217,15 @@ def train(
     train_set = StudyDataset(train_rows, preprocess, train=True, text_paraphrases=paraphrases, seed=cfg.seed,
                              transform=transform)
     val_set = StudyDataset(val_rows, preprocess, train=False) if val_rows else None
+    if cfg.loss.label_weight:
+        n_labelled = train_set.labelled_studies
+        if n_labelled == 0:
+            # Not a warning: the tiny-synth recipe keeps its label term on PACS exports, which have no labels.
+            logger.info("loss.label_weight is %s but no training study has labels (manifest column 'labels'): "
+                        "the label term adds nothing", cfg.loss.label_weight)
+        else:
+            logger.info("label term (weight %s): %d of %d training studies have labels", cfg.loss.label_weight,
+                        n_labelled, len(train_set))
     samples = SeededSamples(train_set, cfg.seed)
     optim_cfg = cfg.optim
     probe = StepSampler(len(train_set), optim_cfg.batch_size, seed=cfg.seed, epoch=0, rank=dist.rank,
@@ -261,7 +271,8 @@ def train(
         metrics: Dict[str, float] = {}
         if dist.is_main:
             metrics = validate(model, val_set, batch_size=max(2, probe.local * 2), device=device,
-                               precision=precision, icl_weight=cfg.loss.icl_weight, tcl_weight=cfg.loss.tcl_weight)
+                               precision=precision, icl_weight=cfg.loss.icl_weight, tcl_weight=cfg.loss.tcl_weight,
+                               label_weight=cfg.loss.label_weight)
             log.write({"kind": "val", "step": step, "epoch": round(epoch_f, 4), **metrics})
             if metrics["val_loss"] < best["val_loss"]:
                 best.update({"val_loss": metrics["val_loss"], "val_loss_step": step})
@@ -288,7 +299,8 @@ def train(
                 last_micro = micro == optim_cfg.accum_steps - 1
                 sync = contextlib.nullcontext() if last_micro or not dist.is_distributed else forward.no_sync()
                 with sync:
-                    terms = _micro_step(forward, batch, cfg, dist, device, precision, scaler, probe.local)
+                    keys = train_set.label_keys(batch["study_index"]) if cfg.loss.label_weight else None
+                    terms = _micro_step(forward, batch, cfg, dist, device, precision, scaler, probe.local, keys)
                 window.append(float(terms["loss"]))
                 micro += 1
                 if not last_micro:
@@ -312,7 +324,7 @@ def train(
                     dt = time.monotonic() - t_window
                     log.write({"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
                                "lr": scheduler.get_last_lr()[0], "loss": sum(window) / len(window),
-                               **{k: terms[k] for k in ("clip", "icl", "tcl")},
+                               **{k: terms[k] for k in ("clip", "icl", "tcl", "label")},
                                "scale": float(model.logit_scale.detach().exp()),
                                "studies_per_s": len(window) / optim_cfg.accum_steps * optim_cfg.batch_size / max(dt, 1e-9)})
                     window, t_window = [], time.monotonic()
@@ -348,16 +360,23 @@ def train(
 
 
 def _micro_step(forward: nn.Module, batch: Dict[str, Any], cfg: TrainConfig, dist: DistInfo, device: torch.device,
-                precision: str, scaler: torch.amp.GradScaler, local: int) -> Dict[str, float]:
-    """Forward + backward of one micro-batch; returns the (process-averaged) loss terms."""
+                precision: str, scaler: torch.amp.GradScaler, local: int,
+                label_keys: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Forward + backward of one micro-batch; returns the (process-averaged) loss terms.
+
+    ``label_keys`` ([local] int64, this process's studies) feed the optional label term; they are
+    gathered here so every rank sees the global batch's keys in rank order.
+    """
     tokens = _pad_cat(batch["text1"], batch["text2"])
     try:
         with autocast_context(device, precision):
             i1, i2, t1, t2, scale = forward(batch["image1"].to(device, non_blocking=True),
                                             batch["image2"].to(device, non_blocking=True),
                                             tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        keys_all = all_gather_tensor(label_keys.to(device)) if label_keys is not None else None  # [world * local]
         terms = cxr_clip_loss(i1.float(), i2.float(), t1.float(), t2.float(), scale,
                               icl_weight=cfg.loss.icl_weight, tcl_weight=cfg.loss.tcl_weight,
+                              label_weight=cfg.loss.label_weight, label_keys=keys_all,
                               gather=all_gather_with_grad if dist.is_distributed else None, offset=dist.rank * local)
         # Every rank must agree before raising: one rank leaving alone would hang the others in backward.
         bad = all_reduce_mean((~torch.isfinite(terms["loss"].detach())).float()) if dist.is_distributed \

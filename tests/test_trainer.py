@@ -69,6 +69,17 @@ def test_training_changes_the_weights_and_lowers_the_loss(full_run: Path) -> Non
     assert lines[-1]["loss"] < lines[0]["loss"]
 
 
+def test_label_term_is_trained_and_logged(full_run: Path) -> None:
+    """tiny-synth trains with the label term; the synthetic MIMIC manifest carries CheXpert labels."""
+    loss = get_recipe("tiny-synth").loss
+    assert loss.label_weight > 0
+    for r in read_metrics(full_run, "train"):  # log_every 1, no accumulation: the logged terms are the step's
+        assert r["label"] > 0
+        total = r["clip"] + loss.icl_weight * r["icl"] + loss.tcl_weight * r["tcl"] + loss.label_weight * r["label"]
+        assert r["loss"] == pytest.approx(total, rel=1e-5)
+    assert all(r["val_label"] > 0 for r in read_metrics(full_run, "val"))
+
+
 @pytest.mark.parametrize("stop_at", [3, 5])
 def test_interrupted_run_resumes_to_the_same_weights(manifest: Path, full_run: Path, tmp_path: Path,
                                                      stop_at: int) -> None:

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from cxr_search.augment import train_transform
 from cxr_search.config import PreprocessConfig
+from cxr_search.datasets.manifest import labels_object
 from cxr_search.errors import DatasetError, DicomError, ImageReadError
 from cxr_search.prompts import CHESTXRAY14_LABELS, CHEXPERT_LABELS, label_set_key, labels_to_report
 from cxr_search.tokenizer import TextTokenizer
@@ -313,12 +314,7 @@ class StudyDataset(Dataset):
     def _check_labels(label_text: str, vocab: str, dataset: str, study_id: str) -> bool:
         """Validate a labels cell now (not in a worker mid-epoch); False when it yields no text."""
         where = f"manifest study {dataset}/{study_id}"
-        try:
-            labels = json.loads(label_text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}: 'labels' is not valid JSON ({exc}): {label_text[:80]!r}") from exc
-        if not isinstance(labels, dict):
-            raise DatasetError(f"{where}: 'labels' must be a JSON object label -> 1.0/0.0/-1.0, got {label_text[:80]!r}")
+        labels = labels_object(label_text, where)
         vocabulary, extra = _LABEL_VOCABS.get(vocab, (CHEXPERT_LABELS, 0))
         try:
             text = labels_to_report(labels, deterministic=True, extra_negatives=extra, vocabulary=vocabulary)
@@ -332,16 +328,11 @@ class StudyDataset(Dataset):
     def _label_key(row: Optional[Mapping[str, Any]], dataset: str, study_id: str) -> int:
         if row is None:
             return -1
+        where = f"manifest study {dataset}/{study_id}"
         try:
-            labels = json.loads(_cell(row, "labels"))
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"manifest study {dataset}/{study_id}: 'labels' is not valid JSON ({exc})") from exc
-        if not isinstance(labels, dict):
-            raise DatasetError(f"manifest study {dataset}/{study_id}: 'labels' must be a JSON object label -> value")
-        try:
-            return label_set_key(labels)
+            return label_set_key(labels_object(_cell(row, "labels"), where))
         except ValueError as exc:
-            raise DatasetError(f"manifest study {dataset}/{study_id}: {exc}") from exc
+            raise DatasetError(f"{where}: {exc}") from exc
 
     # ------------------------------------------------------------------------------ access
     def label_keys(self, indices: Union[Sequence[int], np.ndarray, torch.Tensor]) -> torch.Tensor:

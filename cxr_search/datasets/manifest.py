@@ -337,15 +337,25 @@ def write_manifest(rows: Iterable[Union[ManifestRow, Mapping[str, Any]]], path: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _parse_labels(text: str, where: str) -> Dict[str, float]:
-    if not text:
-        return {}
+def labels_object(text: str, where: str) -> Dict[str, Any]:
+    """The JSON object of a ``labels`` cell, values not yet checked (see :func:`clean_labels`).
+
+    Raises:
+        DatasetError: Not valid JSON, or not an object; the message starts with ``where``.
+    """
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{where}: 'labels' is not valid JSON ({exc}): {text[:80]!r}") from exc
     if not isinstance(value, dict):
         raise DatasetError(f"{where}: 'labels' must be a JSON object label -> 1.0/0.0/-1.0, got {text[:80]!r}")
+    return value
+
+
+def _parse_labels(text: str, where: str) -> Dict[str, float]:
+    if not text:
+        return {}
+    value = labels_object(text, where)
     try:
         return clean_labels(value)
     except (TypeError, ValueError) as exc:
@@ -469,6 +479,7 @@ __all__ = [
     "format_age",
     "group_studies",
     "iter_manifest",
+    "labels_object",
     "order_rows",
     "patient_split_conflicts",
     "read_manifest",

@@ -191,12 +191,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, t: Tensor) -> Tensor:  # type: ignore[override]
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-        t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(world_size)]
-        dist.all_gather(parts, t)
+        rank = dist.get_rank()
         ctx.rows = (rank * t.shape[0], (rank + 1) * t.shape[0])
-        return torch.cat(parts, dim=0)  # [world * b, ...]
+        return all_gather_tensor(t)  # [world * b, ...]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]

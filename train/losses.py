@@ -77,8 +77,9 @@ def contrastive_ce(
             positive of query ``i``.
         scale: Scalar tensor ``exp(logit_scale)``; gradients flow into it.
         offset: Position of this process's rows in ``keys`` (``rank * b`` when gathered).
-        targets: [b, N] probabilities (rows sum to 1) replacing the one-hot targets, e.g. from
-            :func:`label_targets`; None = each query's own row.
+        targets: [b, N] probabilities (each row sums to 1, or is all zeros to leave that query
+            out) replacing the one-hot targets, e.g. from :func:`label_targets`; None = each
+            query's own row.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).

@@ -218,14 +218,10 @@ def train(
                              transform=transform)
     val_set = StudyDataset(val_rows, preprocess, train=False) if val_rows else None
     if cfg.loss.label_weight:
-        n_labelled = train_set.labelled_studies
-        if n_labelled == 0:
-            # Not a warning: the tiny-synth recipe keeps its label term on PACS exports, which have no labels.
-            logger.info("loss.label_weight is %s but no training study has labels (manifest column 'labels'): "
-                        "the label term adds nothing", cfg.loss.label_weight)
-        else:
-            logger.info("label term (weight %s): %d of %d training studies have labels", cfg.loss.label_weight,
-                        n_labelled, len(train_set))
+        # Info, not a warning, when none has labels: tiny-synth keeps its label term on PACS exports, which have
+        # none, and the term then adds nothing.
+        logger.info("label term (weight %s): %d of %d training studies have labels (manifest column 'labels')",
+                    cfg.loss.label_weight, train_set.labelled_studies, len(train_set))
     samples = SeededSamples(train_set, cfg.seed)
     optim_cfg = cfg.optim
     probe = StepSampler(len(train_set), optim_cfg.batch_size, seed=cfg.seed, epoch=0, rank=dist.rank,

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import math
 import random
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from cxr_search.errors import DatasetError
 
@@ -237,22 +237,31 @@ def _label_state(label: str, value: Any) -> Optional[float]:
     return number
 
 
-def label_set_key(labels: Mapping[str, Any]) -> int:
+def label_set_key(labels: Mapping[str, Any], names: Optional[Iterable[str]] = None, *,
+                  uncertain_positive: bool = False) -> int:
     """A stable non-negative int64 key of a study's set of positive labels (value 1.0).
 
     Studies with the same positive labels get the same key in every process and run; "No Finding"
-    is left out because it is implied by an empty set. Uncertain (-1.0), negative and blank labels
-    do not count. A study whose labels assert nothing positive gets the key of the empty set.
+    is left out because it is implied by an empty set. Negative and blank labels do not count;
+    uncertain ones (-1.0) count as negative by default (CheXpert's "U-Zeros" policy) or as positive
+    with ``uncertain_positive`` ("U-Ones": a hedged mention such as "possible small effusion" then
+    joins the studies with that finding). A study whose labels assert nothing positive gets the key
+    of the empty set.
 
     Args:
         labels: Label name -> 1.0 / 0.0 / -1.0 / blank, as in a manifest's ``labels`` JSON.
+        names: Only these labels (any case) make up the set, e.g. the findings a retrieval is judged
+            on; incidental ones (a healed fracture) then do not split studies apart. None: all labels.
+        uncertain_positive: Count uncertain labels as positive.
 
     Raises:
         ValueError: A value other than 1.0, 0.0, -1.0 or blank.
     """
+    keep = None if names is None else {str(n).strip().lower() for n in names}
     positives = sorted(
         name for name, state in ((str(k).strip().lower(), _label_state(str(k), v)) for k, v in labels.items())
-        if state == 1.0 and name != "no finding"
+        if (state == 1.0 or (uncertain_positive and state == -1.0)) and name != "no finding"
+        and (keep is None or name in keep)
     )
     digest = hashlib.blake2b("|".join(positives).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") & (2**62 - 1)

@@ -193,6 +193,8 @@ class StudyDataset(Dataset):
             torch still draw different choices.
         transform: Training augmentation overriding ``train_transform(preprocess)`` (e.g. with the
             trainer's configured parameters).
+        label_names: The labels that make up a study's label set (:meth:`label_keys`); None: all.
+        uncertain_positive: Uncertain labels (-1.0) count as positive in the label set ("U-Ones").
 
     Raises:
         DatasetError: A row lacks a required column, has invalid label JSON or values, or no study
@@ -208,8 +210,12 @@ class StudyDataset(Dataset):
         text_paraphrases: Optional[Mapping[str, List[str]]] = None,
         seed: int = 0,
         transform: Optional[Callable[[Image.Image], torch.Tensor]] = None,
+        label_names: Optional[Sequence[str]] = None,
+        uncertain_positive: bool = False,
     ) -> None:
         super().__init__()
+        self.label_names = tuple(label_names) if label_names else None
+        self.uncertain_positive = bool(uncertain_positive)
         self.preprocess = preprocess
         self.train = bool(train)
         self.seed = int(seed)
@@ -324,13 +330,13 @@ class StudyDataset(Dataset):
         mentioned = any(v is not None and v != "" and not (isinstance(v, float) and math.isnan(v)) for v in labels.values())
         return bool(text) and mentioned
 
-    @staticmethod
-    def _label_key(row: Optional[Mapping[str, Any]], dataset: str, study_id: str) -> int:
+    def _label_key(self, row: Optional[Mapping[str, Any]], dataset: str, study_id: str) -> int:
         if row is None:
             return -1
         where = f"manifest study {dataset}/{study_id}"
         try:
-            return label_set_key(labels_object(_cell(row, "labels"), where))
+            return label_set_key(labels_object(_cell(row, "labels"), where), self.label_names,
+                                 uncertain_positive=self.uncertain_positive)
         except ValueError as exc:
             raise DatasetError(f"{where}: {exc}") from exc
 

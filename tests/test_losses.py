@@ -351,6 +351,33 @@ def test_label_term_with_gather_and_offset() -> None:
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
 
 
+def test_label_term_within_modalities_equals_naive_loop_with_gather() -> None:
+    """label_within: + icl_weight x image-image and tcl_weight x text-text soft-target CE, both directions."""
+    views = [unit(2, 4, seed=130 + i, grad=True) for i in range(4)]
+    others = {id(v): unit(3, 4, seed=140 + i) for i, v in enumerate(views)}
+
+    def gather(t: torch.Tensor) -> torch.Tensor:  # rank 1 of 2, three rows before ours
+        return torch.cat([others[id(t)], t])  # [5, 4]
+
+    keys = [4, -1, 9, 4, 9]
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    out = cxr_clip_loss(*views, s, icl_weight=0.7, tcl_weight=0.4, label_weight=2.0, label_keys=torch.tensor(keys),
+                        label_within=True, gather=gather, offset=3)
+    g = [gather(v) for v in views]
+    i1, i2, t1, t2 = views
+    icl = (naive_soft_ce(i1, g[1], s, keys, 3) + naive_soft_ce(i2, g[0], s, keys, 3)) / 2
+    tcl = (naive_soft_ce(t1, g[3], s, keys, 3) + naive_soft_ce(t2, g[2], s, keys, 3)) / 2
+    label = naive_label_term(views[:2], views[2:], s, keys, g[:2], g[2:], offset=3) + 0.7 * icl + 0.4 * tcl
+    assert out["label"].item() == pytest.approx(label.item(), abs=1e-12)
+    inputs = [*views, s]
+    for gf, gs in zip(grads(out["label"], inputs), grads(label, inputs)):
+        torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
+    # A zero ICL or TCL weight drops that part of the term too.
+    no_icl = cxr_clip_loss(*views, s, icl_weight=0.0, tcl_weight=0.4, label_weight=2.0, label_keys=torch.tensor(keys),
+                           label_within=True, gather=gather, offset=3)
+    assert no_icl["label"].item() == pytest.approx((label - 0.7 * icl).item(), abs=1e-12)
+
+
 def test_label_term_without_shared_labels_is_the_clip_term_and_without_labels_zero() -> None:
     views = [unit(4, 6, seed=120 + i) for i in range(4)]
     out = cxr_clip_loss(*views, 5.0, label_weight=2.0, label_keys=torch.tensor([1, 3, 4, 0]))

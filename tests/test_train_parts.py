@@ -16,7 +16,7 @@ from cxr_search.model import create_model
 from cxr_search.tokenizer import TextTokenizer
 from train.config import TrainConfig, get_recipe, list_recipes
 from train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from train.sampling import SeededSamples, StepSampler
+from train.sampling import SeededSamples, StepSampler, grouped_permutation
 from train.trainer import _check_resume_config
 
 
@@ -59,8 +59,10 @@ def test_recipe_overrides_and_unknown_keys() -> None:
 def test_released_recipes_use_the_reference_loss() -> None:
     """The six released configurations train CXR-CLIP's loss exactly: no label term."""
     for name in ("r50-m", "r50-mc", "r50-mcc", "swint-m", "swint-mc", "swint-mcc"):
-        loss = get_recipe(name).loss
+        cfg = get_recipe(name)
+        loss = cfg.loss
         assert (loss.icl_weight, loss.tcl_weight, loss.label_weight) == (1.0, 0.5, 0.0), name
+        assert cfg.data.label_groups == 0, name  # the reference's plain shuffle
 
 
 def test_model_overrides_merge_deeply() -> None:
@@ -71,7 +73,7 @@ def test_model_overrides_merge_deeply() -> None:
                                                     "preprocess": {"resize": 96}})
     assert cfg.model_overrides["text"] == {"bert_config": {"vocab_size": 40}, "pooling": "mean"}
     assert cfg.model_overrides["tokenizer"] == base.model_overrides["tokenizer"]
-    assert cfg.model_overrides["preprocess"] == {"resize": 96}
+    assert cfg.model_overrides["preprocess"] == {"resize": 96, "crop_size": base.model_overrides["preprocess"]["crop_size"]}
     assert base.model_overrides["text"]["bert_config"] == {"vocab_size": 1000}  # the recipe is not mutated
 
 
@@ -146,6 +148,64 @@ def test_sampler_resumes_mid_epoch_and_epochs_differ() -> None:
         StepSampler(40, 8, seed=1, epoch=0, world_size=3)
     with pytest.raises(DatasetError, match="batch_size"):
         StepSampler(5, 8, seed=1, epoch=0)
+
+
+def _runs(order: list, keys: list) -> list:
+    """(key, length) of each maximal run of equal keys along ``order``."""
+    out: list = []
+    for i in order:
+        if out and out[-1][0] == keys[i]:
+            out[-1][1] += 1
+        else:
+            out.append([keys[i], 1])
+    return out
+
+
+def test_grouped_permutation_keeps_label_mates_together() -> None:
+    """Each key's studies come in runs of ``group_size`` (the last one shorter); unlabelled ones alone."""
+    gen = torch.Generator().manual_seed(0)
+    counts = {0: 9, 1: 5, 2: 2, 3: 1, 4: 4}  # key -> studies (key 3: a set no other study has)
+    keys = [k for k, c in counts.items() for _ in range(c)] + [-1] * 6
+    keys_t = torch.tensor(keys, dtype=torch.int64)[torch.randperm(len(keys), generator=gen)]
+    keys = keys_t.tolist()
+    for size in (2, 3):
+        order = grouped_permutation(keys_t, size, torch.Generator().manual_seed(3)).tolist()
+        assert sorted(order) == list(range(len(keys)))  # a permutation
+        assert order == grouped_permutation(keys_t, size, torch.Generator().manual_seed(3)).tolist()
+        assert order != grouped_permutation(keys_t, size, torch.Generator().manual_seed(4)).tolist()
+        # Runs of one key may touch by chance (two groups of the same key side by side), so compare
+        # the number of studies in runs of each key with the naive expectation: full groups + a rest.
+        for key, n in counts.items():
+            lengths = [length for k, length in _runs(order, keys) if k == key]
+            assert sum(lengths) == n
+            assert all(length % size == 0 or length % size == n % size for length in lengths), (key, lengths)
+            assert len(lengths) <= -(-n // size)  # at most ceil(n / size) runs: members are never scattered
+    # group_size 1 is a plain permutation; 0 is refused.
+    assert sorted(grouped_permutation(keys_t, 1, gen).tolist()) == list(range(len(keys)))
+    with pytest.raises(ValueError, match="group_size"):
+        grouped_permutation(keys_t, 0, gen)
+
+
+def test_grouped_sampler_tiles_ranks_resumes_and_puts_mates_in_one_batch() -> None:
+    n, batch = 64, 16
+    keys = torch.arange(n, dtype=torch.int64) // 2  # 32 label sets of two studies each
+    kw = dict(seed=9, epoch=2, label_keys=keys, group_size=2)
+    single = list(StepSampler(n, batch, **kw))
+    for b in single:  # even batch size, pairs: every study meets its one label-mate in its batch
+        ks = keys[[i for _, i in b]].tolist()
+        assert all(ks.count(k) == 2 for k in ks)
+    assert [i for b in single for _, i in b] != [i for b in StepSampler(n, batch, seed=9, epoch=2) for _, i in b]
+    assert list(StepSampler(n, batch, start_step=2, **kw)) == single[2:]
+    per_rank = [list(StepSampler(n, batch, rank=r, world_size=2, **kw)) for r in range(2)]
+    assert [a + b for a, b in zip(*per_rank)] == single
+    with pytest.raises(ValueError, match="label key"):
+        StepSampler(n, batch, seed=9, epoch=0, group_size=2)
+    with pytest.raises(ConfigError, match="data.label_groups"):
+        get_recipe("tiny-synth", data={"label_groups": -1})
+    with pytest.raises(ConfigError, match="loss.label_names"):
+        get_recipe("tiny-synth", loss={"label_names": ["Edema", ""]})
+    with pytest.raises(ConfigError, match="loss.label_uncertain"):
+        get_recipe("tiny-synth", loss={"label_uncertain": "ones"})
 
 
 class _RandomDataset(torch.utils.data.Dataset):

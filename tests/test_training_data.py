@@ -315,6 +315,18 @@ def test_label_set_key_depends_on_the_positive_set_only():
     normal = label_set_key({"No Finding": 1.0})
     assert normal == label_set_key({}) == label_set_key({"Edema": 0.0, "Effusion": -1.0})
     assert normal != a and 0 <= normal < 2**62 and 0 <= a < 2**62
+    # With names, labels outside them do not count (any case), but their values are still checked.
+    names = ["edema", "CARDIOMEGALY"]
+    assert label_set_key({"Edema": 1.0, "Cardiomegaly": 1.0, "Fracture": 1.0}, names) == a
+    assert label_set_key({"Fracture": 1.0}, names) == normal
+    assert label_set_key({"Fracture": 1.0}, names) != label_set_key({"Fracture": 1.0})
+    with pytest.raises(ValueError, match="Fracture"):
+        label_set_key({"Edema": 1.0, "Fracture": 2.0}, names)
+    # "U-Ones": an uncertain label joins the set; "U-Zeros" (default) leaves it out.
+    hedged = {"Edema": -1.0, "Cardiomegaly": 1.0, "Pneumothorax": 0.0}
+    assert label_set_key(hedged, uncertain_positive=True) == a
+    assert label_set_key(hedged) == label_set_key({"Cardiomegaly": 1.0})
+    assert label_set_key(hedged, ["Cardiomegaly"], uncertain_positive=True) == label_set_key({"Cardiomegaly": 1.0})
 
 
 def test_label_keys_of_report_and_label_studies(flat_images):
@@ -331,6 +343,11 @@ def test_label_keys_of_report_and_label_studies(flat_images):
     assert keys.tolist() == [label_set_key({"Edema": 1.0}), label_set_key({}), -1, label_set_key({"Edema": 1.0})]
     assert ds.label_keys([3, 0]).tolist() == [keys[3], keys[0]]
     assert ds.labelled_studies == 3
+    only = StudyDataset(rows, PRE, label_names=["Atelectasis"])  # the set ignores Edema: all are "normal"
+    assert only.label_keys([0, 1, 2, 3]).tolist() == [label_set_key({})] * 2 + [-1, label_set_key({})]
+    hedged = [row("mimic-cxr", "h1", "a", p[50], findings="Possible edema.", labels=json.dumps({"Edema": -1.0}))]
+    assert StudyDataset(hedged, PRE).label_keys([0]).tolist() == [label_set_key({})]
+    assert StudyDataset(hedged, PRE, uncertain_positive=True).label_keys([0]).tolist() == [keys[0]]
     with pytest.raises(DatasetError, match="mimic-cxr/r9.*not valid JSON"):
         StudyDataset([row("mimic-cxr", "r9", "a", p[50], findings="x", labels="{Edema")], PRE)
     with pytest.raises(DatasetError, match="mimic-cxr/r8.*Edema"):

@@ -76,6 +76,10 @@ class DataConfig:
         max_val_studies: Validation studies used (the first ones in manifest order; 0 = all).
         num_workers: DataLoader worker processes.
         paraphrases: Optional JSON file ``{section text: [paraphrases]}`` (back-translations).
+        label_groups: > 1: an epoch's order puts studies that share a label set (manifest
+            ``labels``) next to each other in groups of up to this many, so the label term finds
+            positives in each batch (:func:`train.sampling.grouped_permutation`). 0: a plain
+            shuffle, as the reference.
     """
 
     datasets: Tuple[str, ...] = ("mimic-cxr",)
@@ -84,6 +88,11 @@ class DataConfig:
     max_val_studies: int = 2000
     num_workers: int = 4
     paraphrases: Optional[str] = None
+    label_groups: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.label_groups, bool) or not isinstance(self.label_groups, int) or self.label_groups < 0:
+            raise ConfigError(f"data.label_groups must be an integer >= 0, got {self.label_groups!r}")
 
 
 @dataclass(frozen=True)
@@ -132,18 +141,32 @@ class LossConfig:
 
     ``label_weight`` > 0 adds cxr-search's label term (:func:`train.losses.cxr_clip_loss`): studies
     of a batch with the same set of positive labels (manifest ``labels``) are positives of each
-    other. 0, the default of the released recipes, is the reference CXR-CLIP loss.
+    other. 0, the default of the released recipes, is the reference CXR-CLIP loss. ``label_names``
+    limits the labels that make up a study's set (for the term and ``data.label_groups``), e.g. to
+    the findings retrieval is judged on; empty: every label. ``label_uncertain`` says how an
+    uncertain label (-1.0) counts in the set: "negative" (CheXpert's U-Zeros) or "positive" (U-Ones,
+    for archives where a hedged mention means the finding is there). ``label_within`` extends the
+    term to the image-image and text-text pairs (weighted as ICL and TCL).
     """
 
     icl_weight: float = 1.0
     tcl_weight: float = 0.5
     label_weight: float = 0.0
+    label_names: Tuple[str, ...] = ()
+    label_uncertain: str = "negative"
+    label_within: bool = False
 
     def __post_init__(self) -> None:
         for name in ("icl_weight", "tcl_weight", "label_weight"):
             value = getattr(self, name)
             if not math.isfinite(float(value)) or float(value) < 0:
                 raise ConfigError(f"loss.{name} must be a finite number >= 0, got {value}")
+        if not all(isinstance(n, str) and n.strip() for n in self.label_names):
+            raise ConfigError(f"loss.label_names must be label names (non-empty strings), got {list(self.label_names)!r}")
+        if not isinstance(self.label_within, bool):
+            raise ConfigError(f"loss.label_within must be true or false, got {self.label_within!r}")
+        if self.label_uncertain not in ("negative", "positive"):
+            raise ConfigError(f"loss.label_uncertain must be 'negative' or 'positive', got {self.label_uncertain!r}")
 
 
 @dataclass(frozen=True)

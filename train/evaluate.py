@@ -51,6 +51,7 @@ def validate(
     icl_weight: float = 1.0,
     tcl_weight: float = 0.5,
     label_weight: float = 0.0,
+    label_within: bool = False,
     num_workers: int = 0,
     progress: Optional[Callable[[int], None]] = None,
 ) -> Dict[str, float]:
@@ -82,7 +83,7 @@ def validate(
             keys = dataset.label_keys(batch["study_index"]) if label_weight else None  # type: ignore[arg-type]
             terms = cxr_clip_loss(emb["image1"], emb["image2"], emb["text1"], emb["text2"], scale.to(device),
                                   icl_weight=icl_weight, tcl_weight=tcl_weight, label_weight=label_weight,
-                                  label_keys=keys)
+                                  label_keys=keys, label_within=label_within)
             for k in sums:
                 sums[k] += float(terms[k])
             n_chunks += 1

@@ -141,9 +141,10 @@ def symmetric_ce(
     return _symmetric(a, b, _gather(a, gather), _gather(b, gather), scale, offset)
 
 
-def _symmetric(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, scale: ScaleLike, offset: int) -> Tensor:
+def _symmetric(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, scale: ScaleLike, offset: int,
+               targets: Optional[Tensor] = None) -> Tensor:
     """Symmetric CE with the gathered tensors already computed (each is gathered once per step)."""
-    return (contrastive_ce(a, b_all, scale, offset) + contrastive_ce(b, a_all, scale, offset)) / 2
+    return (contrastive_ce(a, b_all, scale, offset, targets) + contrastive_ce(b, a_all, scale, offset, targets)) / 2
 
 
 def _check_views(views: Sequence[Tensor], name: str, ref: Optional[Tensor], ref_name: str) -> Tensor:
@@ -256,6 +257,7 @@ def cxr_clip_loss(
     tcl_weight: float = 0.5,
     label_weight: float = 0.0,
     label_keys: Optional[Tensor] = None,
+    label_within: bool = False,
     gather: Optional[GatherFn] = None,
     offset: int = 0,
 ) -> Dict[str, Tensor]:
@@ -270,7 +272,9 @@ def cxr_clip_loss(
     batch count as positives of each other instead of as negatives; studies without labels add
     nothing to it. Instance-level contrast alone
     ranks the study with the same side, size and incidental findings first; this term weights the
-    shared findings.
+    shared findings. With ``label_within`` the term also covers the image-image and text-text pairs,
+    weighted as ICL and TCL (``CLIP_t + icl_weight * ICL_t + tcl_weight * TCL_t``, ``_t`` = with the
+    soft targets): ICL alone pushes the images of two studies with the same findings apart.
 
     Args:
         image1: [b, D] first image of each study (L2-normalised).
@@ -283,6 +287,7 @@ def cxr_clip_loss(
         label_weight: Weight of the label term (0 = off, the reference).
         label_keys: [N] int64 label-set keys of the GATHERED batch (rank order; -1 = no labels),
             needed when ``label_weight > 0``.
+        label_within: The label term also covers the ICL and TCL pairs (see above).
         gather: All-gather with gradient (``train.distributed.all_gather_with_grad``); None = one process.
         offset: ``rank * b``: this process's rows in the gathered tensors.
 
@@ -312,6 +317,10 @@ def cxr_clip_loss(
         targets = label_targets(label_keys.to(image1.device), offset, image1.shape[0],
                                 _compute_dtype(image1, i1_all))  # [b, N]
         label = _clip((image1, image2), (text1, text2), (i1_all, i2_all), (t1_all, t2_all), scale, offset, targets)
+        if label_within and icl_weight != 0:
+            label = label + icl_weight * _symmetric(image1, image2, i1_all, i2_all, scale, offset, targets)
+        if label_within and tcl_weight != 0:
+            label = label + tcl_weight * _symmetric(text1, text2, t1_all, t2_all, scale, offset, targets)
     loss = clip
     if icl_weight != 0:
         loss = loss + icl_weight * icl

@@ -10,11 +10,14 @@ Two things make a run that is killed and resumed end with the same weights as on
 * :class:`SeededSamples` seeds torch's RNG from ``(seed, epoch, index)`` before building a sample, so
   its images, texts and augmentation depend neither on which DataLoader worker builds it nor on
   what that worker built before (which changes when a run resumes mid-epoch).
+
+:func:`grouped_permutation` is the optional label-grouped order: studies that share a label set are
+placed next to each other in small groups, so the label term finds positives in every batch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from cxr_search.errors import ConfigError, DatasetError
 from cxr_search.training_data import epoch_generator
 
-__all__ = ["SeededSamples", "StepSampler", "sample_seed"]
+__all__ = ["SeededSamples", "StepSampler", "grouped_permutation", "sample_seed"]
 
 Key = Tuple[int, int]  # (epoch, study index)
 
@@ -31,6 +34,40 @@ Key = Tuple[int, int]  # (epoch, study index)
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The torch seed of sample ``index`` in ``epoch`` (a hash, so neighbouring keys are unrelated)."""
     return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def grouped_permutation(keys: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of ``len(keys)`` studies in which studies with the same key come in groups.
+
+    The studies are shuffled, each key's studies are cut (in that shuffled order) into groups of up to
+    ``group_size``, and the groups are shuffled and concatenated. A study with key < 0 (no labels)
+    is a group of its own. With a contrastive batch of B studies, most groups then lie inside one
+    batch, so a study whose label set is rare (two or three findings) still meets a label-mate there
+    instead of almost never; a group that straddles two batches is split between them.
+
+    Args:
+        keys: ``[N]`` int64 label-set keys (-1 = no labels).
+        group_size: Studies per group (>= 1; 1 gives a plain shuffle of the studies).
+        generator: Seeded generator; the order depends on it and on ``keys`` only.
+
+    Returns:
+        ``[N]`` int64 permutation of ``range(N)``.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    order = torch.randperm(len(keys), generator=generator).tolist()
+    key_list = keys.tolist()
+    groups: List[List[int]] = []
+    members: Dict[int, List[int]] = {}  # insertion-ordered, so the grouping is deterministic
+    for i in order:
+        if key_list[i] < 0:
+            groups.append([i])
+        else:
+            members.setdefault(key_list[i], []).append(i)
+    for same in members.values():
+        groups.extend(same[s : s + group_size] for s in range(0, len(same), group_size))
+    shuffled = torch.randperm(len(groups), generator=generator).tolist()
+    return torch.tensor([i for g in shuffled for i in groups[g]], dtype=torch.int64)
 
 
 class StepSampler(Sampler[List[Key]]):
@@ -45,6 +82,9 @@ class StepSampler(Sampler[List[Key]]):
         world_size: Number of processes.
         accum_steps: Micro-batches per optimiser step.
         start_step: First optimiser step of the epoch to yield (resume).
+        label_keys: ``[num_samples]`` label-set keys for the label-grouped order (with ``group_size``).
+        group_size: > 1: studies sharing a label set come in groups of this many
+            (:func:`grouped_permutation`); 0 or 1: a plain shuffle.
 
     Raises:
         ConfigError: ``global_batch`` not divisible by ``world_size * accum_steps``.
@@ -62,6 +102,8 @@ class StepSampler(Sampler[List[Key]]):
         world_size: int = 1,
         accum_steps: int = 1,
         start_step: int = 0,
+        label_keys: Optional[torch.Tensor] = None,
+        group_size: int = 0,
     ) -> None:
         if global_batch % (world_size * accum_steps):
             raise ConfigError(
@@ -76,6 +118,9 @@ class StepSampler(Sampler[List[Key]]):
         self.num_samples, self.global_batch = int(num_samples), int(global_batch)
         self.seed, self.epoch, self.rank, self.world_size = int(seed), int(epoch), int(rank), int(world_size)
         self.accum_steps, self.start_step = int(accum_steps), int(start_step)
+        if group_size > 1 and (label_keys is None or len(label_keys) != num_samples):
+            raise ValueError("a label-grouped order needs one label key per study")
+        self.label_keys, self.group_size = label_keys, int(group_size)
         self.micro = global_batch // accum_steps  # studies per micro-batch, all ranks
         self.local = self.micro // world_size  # studies per micro-batch on this rank
 
@@ -86,7 +131,11 @@ class StepSampler(Sampler[List[Key]]):
 
     def permutation(self) -> torch.Tensor:
         """The epoch's order of study indices ``[num_samples]``."""
-        return torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
+        generator = epoch_generator(self.seed, self.epoch)
+        if self.group_size > 1:
+            assert self.label_keys is not None
+            return grouped_permutation(self.label_keys, self.group_size, generator)
+        return torch.randperm(self.num_samples, generator=generator)
 
     def __iter__(self) -> Iterator[List[Key]]:
         perm = self.permutation().tolist()

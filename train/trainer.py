@@ -214,14 +214,19 @@ def train(
     transform = train_transform(preprocess, **{k: tuple(v) if isinstance(v, list) else v
                                                for k, v in cfg.to_dict()["augment"].items()})
     paraphrases = load_paraphrases(cfg.data.paraphrases)
+    label_set = {"label_names": cfg.loss.label_names or None, "uncertain_positive": cfg.loss.label_uncertain == "positive"}
     train_set = StudyDataset(train_rows, preprocess, train=True, text_paraphrases=paraphrases, seed=cfg.seed,
-                             transform=transform)
-    val_set = StudyDataset(val_rows, preprocess, train=False) if val_rows else None
+                             transform=transform, **label_set)
+    val_set = StudyDataset(val_rows, preprocess, train=False, **label_set) if val_rows else None
     if cfg.loss.label_weight:
         # Info, not a warning, when none has labels: tiny-synth keeps its label term on PACS exports, which have
         # none, and the term then adds nothing.
         logger.info("label term (weight %s): %d of %d training studies have labels (manifest column 'labels')",
                     cfg.loss.label_weight, train_set.labelled_studies, len(train_set))
+    # The label-grouped order needs every study's key up front; without labels (a PACS export) it is the plain shuffle.
+    grouped = cfg.data.label_groups > 1 and train_set.labelled_studies > 0
+    group_keys = train_set.label_keys(range(len(train_set))) if grouped else None
+    group_size = cfg.data.label_groups if grouped else 0
     samples = SeededSamples(train_set, cfg.seed)
     optim_cfg = cfg.optim
     probe = StepSampler(len(train_set), optim_cfg.batch_size, seed=cfg.seed, epoch=0, rank=dist.rank,
@@ -268,7 +273,7 @@ def train(
         if dist.is_main:
             metrics = validate(model, val_set, batch_size=max(2, probe.local * 2), device=device,
                                precision=precision, icl_weight=cfg.loss.icl_weight, tcl_weight=cfg.loss.tcl_weight,
-                               label_weight=cfg.loss.label_weight)
+                               label_weight=cfg.loss.label_weight, label_within=cfg.loss.label_within)
             log.write({"kind": "val", "step": step, "epoch": round(epoch_f, 4), **metrics})
             if metrics["val_loss"] < best["val_loss"]:
                 best.update({"val_loss": metrics["val_loss"], "val_loss_step": step})
@@ -286,7 +291,8 @@ def train(
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             sampler = StepSampler(len(train_set), optim_cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=dist.rank,
-                                  world_size=dist.world_size, accum_steps=optim_cfg.accum_steps, start_step=in_epoch)
+                                  world_size=dist.world_size, accum_steps=optim_cfg.accum_steps, start_step=in_epoch,
+                                  label_keys=group_keys, group_size=group_size)
             loader = DataLoader(samples, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                 collate_fn=make_collate(model.tokenizer), worker_init_fn=worker_init,
                                 pin_memory=device.type == "cuda", generator=epoch_generator(cfg.seed, epoch))
@@ -373,6 +379,7 @@ def _micro_step(forward: nn.Module, batch: Dict[str, Any], cfg: TrainConfig, dis
         terms = cxr_clip_loss(i1.float(), i2.float(), t1.float(), t2.float(), scale,
                               icl_weight=cfg.loss.icl_weight, tcl_weight=cfg.loss.tcl_weight,
                               label_weight=cfg.loss.label_weight, label_keys=keys_all,
+                              label_within=cfg.loss.label_within,
                               gather=all_gather_with_grad if dist.is_distributed else None, offset=dist.rank * local)
         # Every rank must agree before raising: one rank leaving alone would hang the others in backward.
         bad = all_reduce_mean((~torch.isfinite(terms["loss"].detach())).float()) if dist.is_distributed \

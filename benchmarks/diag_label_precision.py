@@ -12,7 +12,11 @@ truth) and one run's final model, and reports:
   training studies' embeddings, scored on the held-out ones): what each tower can tell apart;
 * ground-truth "attribute oracles": an embedding built from the generator's truth (finding
   presence, attributes such as side/size/zone, incidental extras) with chosen weights. It shows what
-  label precision a model would score if it weighed presence and attributes that way.
+  label precision a model would score if it weighed presence and attributes that way;
+* "label-key oracles": an embedding that is exactly the study's label-set key of the label term
+  (manifest ``labels``, i.e. what the report labeler found), under the default label set and under
+  the run's ``loss.label_names`` / ``loss.label_uncertain``. It shows how far training towards
+  those keys can take label precision, given the labeler's disagreements with the truth.
 
 Needs scikit-learn (the ``dev`` extra).
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -36,8 +41,10 @@ from sklearn.metrics import roc_auc_score
 
 from cxr_search.checkpoints import load_model
 from cxr_search.datasets import read_manifest
+from cxr_search.datasets.manifest import labels_object
 from cxr_search.fileio import emit_json, write_json_atomic
 from cxr_search.metrics import label_precision_at_k
+from cxr_search.prompts import label_set_key
 from cxr_search.synth.evaluate import HeldoutStudy, evaluate_heldout, heldout_studies
 from cxr_search.synth.findings import EXTRAS, FINDINGS
 
@@ -109,6 +116,27 @@ def attribute_oracles(studies: Sequence[HeldoutStudy], ground_truth: Path, k: in
     return out
 
 
+def label_key_oracles(manifest: Path, studies: Sequence[HeldoutStudy], run_loss: Dict[str, Any],
+                      k: int = 10) -> Dict[str, float]:
+    """Label precision of one-hot embeddings of each study's label-set key (default and the run's settings)."""
+    labels_of = {r.study_id: r.get("labels") or "" for r in read_manifest(manifest, split="validate")}
+    truth = [s.findings for s in studies]
+    names = tuple(run_loss.get("label_names") or ()) or None
+    settings = {"all labels, uncertain negative": (None, False),
+                "the run's label set": (names, run_loss.get("label_uncertain", "negative") == "positive")}
+    rng = np.random.default_rng(0)
+    out: Dict[str, float] = {}
+    for title, (only, uncertain_positive) in settings.items():
+        keys = [label_set_key(labels_object(labels_of[s.study_id], s.study_id), only,
+                              uncertain_positive=uncertain_positive) for s in studies]
+        index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        x = np.zeros((len(keys), len(index)))
+        x[np.arange(len(keys)), [index[key] for key in keys]] = 1.0
+        x = _unit(x + 1e-3 * rng.standard_normal(x.shape))  # break ties at random, not by position
+        out[title] = round(label_precision_at_k(x, x, truth, truth, k), 4)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="Work folder of bench_tiny_synth.py.")
@@ -128,6 +156,7 @@ def main() -> None:
         txt = np.asarray(model.embed_texts([s.text for s in studies]), dtype=np.float32)  # [N, D]
         return img, txt
 
+    run_loss = json.loads((work / args.run / "config.json").read_text(encoding="utf-8"))["recipe"].get("loss", {})
     hi, ht = embed(held)
     labels = [s.findings for s in held]
     directions = {"i2t": (hi, ht), "t2i": (ht, hi), "i2i": (hi, hi), "t2t": (ht, ht)}
@@ -152,6 +181,7 @@ def main() -> None:
         "probe_auroc": {"image": probe_aurocs(pi, probe_labels, hi, labels),
                         "text": probe_aurocs(pt, probe_labels, ht, labels)},
         "attribute_oracles": attribute_oracles(held, work / "heldout-archive" / "ground_truth.csv"),
+        "label_key_oracles": label_key_oracles(manifest, held, run_loss),
     }
     emit_json(result)
     if args.out:

@@ -68,16 +68,18 @@ def loss_of(
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]],
     offset: int,
     label_keys: Optional[torch.Tensor] = None,
+    label_within: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """CXR-CLIP loss of views ``x`` [4, b, IN_DIM], encoded in ONE forward call (DDP needs one).
 
-    ``label_keys`` (the gathered batch's keys) switch the label term on with weight ``LABEL_WEIGHT``.
+    ``label_keys`` (the gathered batch's keys) switch the label term on with weight ``LABEL_WEIGHT``;
+    ``label_within`` extends it to the image-image and text-text pairs.
     """
     n, b, d = x.shape
     emb = model(x.reshape(n * b, d)).reshape(n, b, EMBED_DIM)  # [4, b, D]
     weight = LABEL_WEIGHT if label_keys is not None else 0.0
     return cxr_clip_loss(emb[0], emb[1], emb[2], emb[3], logit_scale.exp(), gather=gather, offset=offset,
-                         label_weight=weight, label_keys=label_keys)
+                         label_weight=weight, label_keys=label_keys, label_within=label_within)
 
 
 def gather_weights(rank: int) -> torch.Tensor:
@@ -139,6 +141,15 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     out["loss"].backward()
     res["label_mean_loss"] = {k: all_reduce_mean(v) for k, v in out.items()}
     res["label_grads"] = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+    # And with the label term over the image-image and text-text pairs too.
+    model = TinyEncoder()
+    ddp = DistributedDataParallel(model)
+    out = loss_of(ddp, model.logit_scale, x_local, all_gather_with_grad, rank * local, label_keys=keys,
+                  label_within=True)
+    out["loss"].backward()
+    res["within_mean_loss"] = {k: all_reduce_mean(v) for k, v in out.items()}
+    res["within_grads"] = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
     barrier()
     cleanup()

@@ -56,9 +56,10 @@ def no_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def single_process_reference(label_keys=None):
+def single_process_reference(label_keys=None, label_within=False):
     model = dw.TinyEncoder()
-    out = dw.loss_of(model, model.logit_scale, dw.global_inputs(), gather=None, offset=0, label_keys=label_keys)
+    out = dw.loss_of(model, model.logit_scale, dw.global_inputs(), gather=None, offset=0, label_keys=label_keys,
+                     label_within=label_within)
     out["loss"].backward()
     grads = {name: p.grad.detach() for name, p in model.named_parameters()}
     return {k: v.detach() for k, v in out.items()}, grads
@@ -123,6 +124,14 @@ def test_distributed_label_term_equals_single_process(ranks: List[Dict]) -> None
             torch.testing.assert_close(res["label_mean_loss"][key], ref_loss[key], atol=1e-10, rtol=0)
         for name, grad in res["label_grads"].items():
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-10, rtol=0)
+    # label_within: the term over all pairs, also equal to one process (and not the plain term).
+    within_loss, within_grads = single_process_reference(keys, label_within=True)
+    assert within_loss["label"] > ref_loss["label"]
+    for res in ranks:
+        for key in ("loss", "clip", "icl", "tcl", "label"):
+            torch.testing.assert_close(res["within_mean_loss"][key], within_loss[key], atol=1e-10, rtol=0)
+        for name, grad in res["within_grads"].items():
+            torch.testing.assert_close(grad, within_grads[name], atol=1e-10, rtol=0)
 
 
 # ---------------------------------------------------------------- one process

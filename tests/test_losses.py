@@ -18,6 +18,18 @@ def unit(*shape: int, seed: int, dtype: torch.dtype = torch.float64, grad: bool 
     return t.requires_grad_(grad)
 
 
+def views_after_other_ranks(b: int, before: int, seed: int):
+    """This rank's four [b, 4] views (seeds ``seed + i``) and a fake with-grad all-gather that puts
+    ``before`` rows of the earlier ranks (seeds ``seed + 10 + i``) in front of each view."""
+    views = [unit(b, 4, seed=seed + i, grad=True) for i in range(4)]
+    others = {id(v): unit(before, 4, seed=seed + 10 + i) for i, v in enumerate(views)}
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([others[id(t)], t])  # [before + b, 4]
+
+    return views, gather
+
+
 # ---------------------------------------------------------------- naive references (explicit loops)
 
 
@@ -202,11 +214,7 @@ def test_cxr_clip_loss_equals_naive_with_gradients() -> None:
 
 
 def test_cxr_clip_loss_with_gather_and_offset() -> None:
-    views = [unit(2, 4, seed=40 + i, grad=True) for i in range(4)]
-    others = {id(v): unit(4, 4, seed=50 + i) for i, v in enumerate(views)}
-
-    def gather(t: torch.Tensor) -> torch.Tensor:  # we are rank 2 of 3
-        return torch.cat([others[id(t)], t])  # [6, 4]
+    views, gather = views_after_other_ranks(2, 4, seed=40)  # we are rank 2 of 3: [6, 4] gathered
 
     s = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
     out = cxr_clip_loss(*views, s, icl_weight=0.3, tcl_weight=2.0, gather=gather, offset=4)
@@ -334,11 +342,7 @@ def test_label_term_equals_naive_loop_with_gradients() -> None:
 
 
 def test_label_term_with_gather_and_offset() -> None:
-    views = [unit(2, 4, seed=100 + i, grad=True) for i in range(4)]
-    others = {id(v): unit(3, 4, seed=110 + i) for i, v in enumerate(views)}
-
-    def gather(t: torch.Tensor) -> torch.Tensor:  # rank 1 of 2, three rows before ours
-        return torch.cat([others[id(t)], t])  # [5, 4]
+    views, gather = views_after_other_ranks(2, 3, seed=100)  # rank 1 of 2, three rows before ours
 
     keys = [4, -1, 9, 4, -1]  # query 3 shares its labels with gathered row 0
     s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
@@ -353,11 +357,7 @@ def test_label_term_with_gather_and_offset() -> None:
 
 def test_label_term_within_modalities_equals_naive_loop_with_gather() -> None:
     """label_within: + icl_weight x image-image and tcl_weight x text-text soft-target CE, both directions."""
-    views = [unit(2, 4, seed=130 + i, grad=True) for i in range(4)]
-    others = {id(v): unit(3, 4, seed=140 + i) for i, v in enumerate(views)}
-
-    def gather(t: torch.Tensor) -> torch.Tensor:  # rank 1 of 2, three rows before ours
-        return torch.cat([others[id(t)], t])  # [5, 4]
+    views, gather = views_after_other_ranks(2, 3, seed=130)  # rank 1 of 2, three rows before ours
 
     keys = [4, -1, 9, 4, 9]
     s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)

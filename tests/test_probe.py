@@ -1,33 +1,22 @@
-"""Linear probe: masked BCE, AUROC fallback, subsets, label matrix, training on features and on real images."""
+"""Linear probe: masked BCE, subsets, label matrix, training on features and on real images."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
 from cxr_search.datasets import write_manifest
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.errors import ConfigError, DatasetError
 from cxr_search.model import create_model
 from cxr_search.transforms import eval_transform, load_image
-from train.probe import (
-    auroc,
-    default_epochs,
-    extract_features,
-    label_matrix,
-    masked_bce,
-    probe_from_manifest,
-    rank_auroc,
-    run_probe,
-    subsample,
-)
+from train.probe import default_epochs, extract_features, probe_from_manifest, run_probe
+from train.probe_labels import label_matrix, masked_bce, subsample
 
 
 def _row(i: int, split: str, labels: dict, path: str = "") -> ManifestRow:
@@ -64,31 +53,6 @@ def test_masked_bce_matches_naive_loop():
     big = logits.detach() * 20
     ref = torch.nn.functional.binary_cross_entropy_with_logits(big[mask > 0], targets[mask > 0])
     torch.testing.assert_close(masked_bce(big, targets, mask), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_rank_auroc_matches_sklearn_with_ties():
-    rng = np.random.default_rng(0)
-    for trial in range(20):
-        n = int(rng.integers(5, 200))
-        y = rng.integers(0, 2, n)
-        y[0], y[1] = 0, 1
-        scores = np.round(rng.normal(size=n) + 0.5 * y, decimals=int(trial % 3))  # coarse rounding: many ties
-        assert rank_auroc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
-        assert auroc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
-    assert rank_auroc([0, 1, 0, 1], [1.0, 1.0, 1.0, 1.0]) == 0.5
-    assert rank_auroc([0, 0, 1], [0.1, 0.2, 0.9]) == 1.0
-    with pytest.raises(ValueError):
-        rank_auroc([1, 1, 1], [0.1, 0.2, 0.3])
-
-
-def test_auroc_falls_back_without_sklearn(monkeypatch):
-    y, s = np.array([0, 1, 1, 0, 1]), np.array([0.3, 0.3, 0.8, 0.1, 0.2])
-    expected = roc_auc_score(y, s)
-    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)  # `from sklearn.metrics import` now fails
-    with pytest.raises(ImportError):
-        __import__("sklearn.metrics")
-    assert auroc(y, s) == pytest.approx(expected)
-    assert auroc(y, s) == pytest.approx(4.5 / 6)  # 4 wins + 1 tie out of 3x2 pairs
 
 
 def test_subsample_deterministic_and_sized():

@@ -72,6 +72,7 @@ def test_metrics_match_naive_and_sklearn(seed):
 def test_metric_edge_cases():
     assert auroc([1, 1, 1], [0.1, 0.2, 0.3]) is None  # one class only: undefined
     assert auroc([0, 1], [0.5, 0.5]) == 0.5
+    assert auroc([0, 1, 1, 0, 1], [0.3, 0.3, 0.8, 0.1, 0.2]) == pytest.approx(4.5 / 6)  # 4 wins + 1 tie of 3x2
     assert auroc([0, 0, 1, 1], [1, 2, 3, 4]) == 1.0 and auroc([1, 1, 0, 0], [1, 2, 3, 4]) == 0.0
     assert f1_score([0, 0], [0, 0]) == 0.0  # no positives, none predicted (sklearn's zero_division=0)
     assert accuracy(["a", "b"], ["a", "c"]) == 0.5

@@ -31,35 +31,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cxr_search.classification_metrics import auroc
 from cxr_search.datasets.manifest import ManifestRow, read_manifest
 from cxr_search.errors import ConfigError, DatasetError
 from cxr_search.model import CXRClip, _image_batches, _progress, autocast_context, resolve_device, resolve_precision
 from train.optim import lr_factor
+from train.probe_labels import label_matrix, masked_bce, subsample
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ProbeResult",
-    "auroc",
-    "default_epochs",
-    "extract_features",
-    "label_matrix",
-    "masked_bce",
-    "probe_from_manifest",
-    "rank_auroc",
-    "run_probe",
-    "subsample",
-]
+__all__ = ["ProbeResult", "default_epochs", "extract_features", "probe_from_manifest", "run_probe"]
 
 #: Epochs of the spec: 300 with 10 % of the labels, 30 with all of them.
 EPOCHS_FEW_LABELS = 300
 EPOCHS_ALL_LABELS = 30
 #: Share of optimiser steps spent in linear warm-up (the reference's ``warmup_epochs: 0.1``).
 WARMUP_SHARE = 0.1
-UNCERTAIN_POLICIES = ("mask", "zero", "one")
 
 FeatureCache = Dict[str, torch.Tensor]
 
@@ -100,128 +89,8 @@ class ProbeResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Labels, subsets, metrics
+# Schedule
 # --------------------------------------------------------------------------------------------------
-
-
-def label_matrix(
-    rows: Sequence[ManifestRow], classes: Optional[Sequence[str]] = None, *, uncertain: str = "mask"
-) -> Tuple[List[str], np.ndarray, np.ndarray]:
-    """Targets and known-label mask of manifest rows.
-
-    Args:
-        rows: Manifest rows; ``row.labels`` maps label -> 1.0 / 0.0 / -1.0, absent = not mentioned.
-        classes: Columns to build; default: every label name found in ``rows``, in order of first
-            appearance (rows keep their vocabulary's order, so this is the vocabulary order).
-        uncertain: ``mask`` (default) drops -1 from the loss, ``zero`` / ``one`` turn it into a
-            known 0 / 1 (``zero`` is what the reference code does).
-
-    Returns:
-        ``(classes, targets, mask)``: targets float32 ``[N, C]`` in {0, 1}; mask float32 ``[N, C]``,
-        1 where the label is known.
-
-    Raises:
-        DatasetError: No classes (none given, none found in the rows).
-        ConfigError: Unknown ``uncertain`` policy.
-    """
-    if uncertain not in UNCERTAIN_POLICIES:
-        raise ConfigError(f"unknown uncertain-label policy {uncertain!r}; valid: {', '.join(UNCERTAIN_POLICIES)}")
-    if classes is None:
-        seen: Dict[str, None] = {}
-        for row in rows:
-            for name in row.labels:
-                seen.setdefault(name, None)
-        classes = list(seen)
-    classes = list(classes)
-    if not classes:
-        raise DatasetError(
-            f"no label classes among {len(rows)} manifest rows: the probe needs rows with a 'labels' column "
-            "(label -> 1/0/-1); prepare a labelled dataset (e.g. rsna-pneumonia, siim-acr, vindr-cxr)"
-        )
-    index = {name: j for j, name in enumerate(classes)}
-    targets = np.zeros((len(rows), len(classes)), dtype=np.float32)  # [N, C]
-    mask = np.zeros((len(rows), len(classes)), dtype=np.float32)  # [N, C]
-    for i, row in enumerate(rows):
-        for name, value in row.labels.items():
-            j = index.get(name)
-            if j is None or value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            if value == -1.0:
-                if uncertain == "mask":
-                    continue
-                value = 0.0 if uncertain == "zero" else 1.0
-            targets[i, j] = 1.0 if value == 1.0 else 0.0
-            mask[i, j] = 1.0
-    return classes, targets, mask
-
-
-def subsample(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random ``fraction`` of ``range(n)``.
-
-    The size is ``round(fraction * n)`` (pandas ``sample(frac=...)``, which the reference uses), at
-    least 1 when ``n > 0``.
-
-    Raises:
-        ConfigError: ``fraction`` outside (0, 1].
-    """
-    if not (0.0 < fraction <= 1.0):
-        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}; the spec uses 0.1 and 1.0")
-    if n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if fraction >= 1.0:
-        return np.arange(n, dtype=np.int64)
-    k = min(n, max(1, int(round(fraction * n))))
-    picked = np.random.default_rng(seed).permutation(n)[:k]
-    return np.sort(picked).astype(np.int64)
-
-
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits, averaged over the known entries only.
-
-    Args:
-        logits: ``[B, C]``.
-        targets: ``[B, C]`` in {0, 1}.
-        mask: ``[B, C]``, 1 where the label is known.
-
-    Returns:
-        Scalar; 0 (with a gradient path) when nothing is known.
-    """
-    # softplus(x) - t*x is BCE-with-logits (stable for both signs). F.binary_cross_entropy_with_logits
-    # goes through log_sigmoid, whose CPU kernel opens a thread pool even for a few hundred entries:
-    # measured 6 ms vs 3 us per call on a busy 2-core machine, i.e. most of a 300-epoch probe.
-    per_entry = F.softplus(logits) - targets * logits  # [B, C]
-    known = mask.sum()
-    return (per_entry * mask).sum() / known.clamp_min(1.0)
-
-
-def rank_auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """AUROC by the rank-sum (Mann-Whitney U) formula; tied scores get their average rank.
-
-    Equal to ``sklearn.metrics.roc_auc_score`` for binary labels, used when scikit-learn is absent.
-
-    Raises:
-        ValueError: ``y_true`` holds only one class.
-    """
-    y = np.asarray(y_true).astype(bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUROC needs both positive and negative labels")
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts  # 0-based rank of each group's first member
-    avg_rank = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
-    ranks = avg_rank[inverse]
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Binary AUROC: scikit-learn's ``roc_auc_score`` when installed, else :func:`rank_auroc`."""
-    try:
-        from sklearn.metrics import roc_auc_score
-    except ImportError:
-        return rank_auroc(y_true, scores)
-    return float(roc_auc_score(np.asarray(y_true).astype(int), np.asarray(scores, dtype=np.float64)))
 
 
 def default_epochs(fraction: float) -> int:
@@ -437,7 +306,9 @@ def run_probe(
     per_class: Dict[str, float] = {}
     for j in evaluable:
         known = m_test[:, j] > 0
-        per_class[classes[j]] = auroc(y_test[known, j], scores[known, j])
+        value = auroc(y_test[known, j], scores[known, j])
+        assert value is not None  # evaluable classes have both values among the known test labels
+        per_class[classes[j]] = value
     mean = float(np.mean(list(per_class.values())))
     result = ProbeResult(
         classes=classes, fraction=float(fraction), epochs=int(epochs), n_train=len(train_rows), n_test=len(test_rows),

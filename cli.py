@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_search.errors import CxrSearchError, InputFileError
-from cxr_search.fileio import emit_json
+from cxr_search.fileio import atomic_write, emit_json
 from index.bench.commands import bench_app
 from index.commands import index_app, search_app
 from index.demo_defaults import DEFAULT_EPOCHS, DEFAULT_STUDIES
@@ -56,11 +55,8 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="Mo
 def _atomic_save_npy(path: Path, array: Any) -> None:
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path, "wb") as fh:
         np.save(fh, array)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- model

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
@@ -31,6 +30,7 @@ import faiss
 import numpy as np
 
 from cxr_search.errors import SearchIndexError
+from cxr_search.fileio import atomic_write
 from index.ann_factory import (DEFAULT_BYTES_PER_VECTOR, EXACT_THRESHOLD, ParsedFactory, candidate_factories,
                                choose_factory, clustered_unit_vectors, exact_search, id_selector, ip_pca_matrix,
                                parse_factory, recall_at_k, rerank_exact)
@@ -48,8 +48,6 @@ _CHUNK = 65_536
 #: Candidates re-scored exactly per query when ``search(..., rerank=fetch)`` is used.
 DEFAULT_RERANK_K = 50
 _IP = faiss.METRIC_INNER_PRODUCT
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def _vectors(x: Any, dim: int, what: str) -> np.ndarray:
@@ -441,12 +439,7 @@ class VectorIndex:
         """
         path = Path(path)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as exc:
-            raise SearchIndexError(f"{path}: cannot write the index ({exc})") from exc
-        try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_write(path, "wb") as fh:
                 fh.write(_MAGIC)
                 digest, size = hashlib.sha256(), [0]
 
@@ -463,22 +456,8 @@ class VectorIndex:
                                       "search_params": self._params, "faiss_version": faiss.__version__,
                                       "payload_bytes": size[0], "payload_sha256": digest.hexdigest()}).encode()
                 fh.write(trailer + struct.pack("<Q", len(trailer)) + _MAGIC)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException as exc:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise SearchIndexError(f"{path}: cannot write the index ({exc})") from exc
-            raise
-        try:  # make the rename itself durable
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        except OSError as exc:
+            raise SearchIndexError(f"{path}: cannot write the index ({exc})") from exc
 
     @classmethod
     def load(cls, path: PathLike) -> "VectorIndex":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 from typing import Union
@@ -22,6 +21,7 @@ from typing import Union
 from cryptography.fernet import Fernet, InvalidToken
 
 from cxr_search.errors import SearchIndexError
+from cxr_search.fileio import atomic_write
 
 SECRET_FILE = "secret.key"
 
@@ -66,15 +66,9 @@ class IndexSecret:
                 f"{path}: index secret missing; this is not an index folder, or the file was deleted "
                 "(without it patient keys and file paths cannot be resolved: restore it or rebuild)"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
         key = secrets.token_bytes(32)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
+        with atomic_write(path, "w", permissions=0o600) as fh:  # owner only: it unlocks patient keys
             fh.write(key.hex() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
         return cls(key)
 
     def _mac(self, domain: bytes, value: str) -> str:

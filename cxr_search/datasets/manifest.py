@@ -15,14 +15,13 @@ import csv
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 from cxr_search.dicom_values import VIEWS
 from cxr_search.errors import DatasetError
+from cxr_search.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -292,14 +291,9 @@ def write_manifest(rows: Iterable[Union[ManifestRow, Mapping[str, Any]]], path: 
         DatasetError: A row lacks a required value, or the file cannot be written.
     """
     dest = Path(path)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
-    except OSError as exc:
-        raise DatasetError(f"{dest}: cannot write the manifest ({exc.strerror or exc}); check the folder") from exc
     count = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        with atomic_write(dest, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(MANIFEST_COLUMNS)
             cache = _LabelsCache()
@@ -317,17 +311,8 @@ def write_manifest(rows: Iterable[Union[ManifestRow, Mapping[str, Any]]], path: 
                     )
                 writer.writerow(cells)
                 count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, dest)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise DatasetError(f"{dest}: cannot write the manifest ({exc.strerror or exc})") from exc
-        raise
+    except OSError as exc:
+        raise DatasetError(f"{dest}: cannot write the manifest ({exc.strerror or exc}); check the folder") from exc
     logger.info("wrote %d manifest rows to %s", count, dest)
     return count
 

@@ -246,19 +246,35 @@ def _merge_free(base: Dict[str, Any], overrides: Mapping[str, Any]) -> Dict[str,
 _FREE_DICTS = {"model_kwargs", "bert_config"}
 
 
-def list_models() -> List[str]:
-    """Names of the registered presets."""
-    root = resources.files("cxr_search").joinpath("model_configs")
+def list_json_registry(package: str, folder: str) -> List[str]:
+    """Names (file stems) of the JSON configs shipped in ``package``'s ``folder``, sorted."""
+    root = resources.files(package).joinpath(folder)
     return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
 
 
-def _load_preset(name: str) -> Dict[str, Any]:
-    path = resources.files("cxr_search").joinpath("model_configs", f"{name}.json")
+def load_json_registry(package: str, folder: str, name: str, what: str) -> Dict[str, Any]:
+    """The JSON config ``name`` of a registry, with ``name`` filled in when the file has none.
+
+    Args:
+        package: Package holding the registry (``cxr_search``, ``train``).
+        folder: The registry's folder inside the package.
+        name: Config name (file stem).
+        what: What an entry is, for the error (``model preset``, ``recipe``).
+
+    Raises:
+        ConfigError: No such entry; the message lists the valid names.
+    """
+    path = resources.files(package).joinpath(folder, f"{name}.json")
     if not path.is_file():
-        raise ConfigError(f"unknown model preset '{name}'; available: {', '.join(list_models())}")
+        raise ConfigError(f"unknown {what} '{name}'; available: {', '.join(list_json_registry(package, folder))}")
     data = json.loads(path.read_text(encoding="utf-8"))
     data.setdefault("name", name)
     return data
+
+
+def list_models() -> List[str]:
+    """Names of the registered presets."""
+    return list_json_registry("cxr_search", "model_configs")
 
 
 def get_model_config(name_or_config: Union[str, ModelConfig, Mapping[str, Any]], **overrides: Any) -> ModelConfig:
@@ -276,7 +292,8 @@ def get_model_config(name_or_config: Union[str, ModelConfig, Mapping[str, Any]],
         ConfigError: Unknown preset or key.
     """
     if isinstance(name_or_config, str):
-        base = ModelConfig.from_dict(_load_preset(name_or_config)).to_dict()
+        preset = load_json_registry("cxr_search", "model_configs", name_or_config, "model preset")
+        base = ModelConfig.from_dict(preset).to_dict()
     elif isinstance(name_or_config, ModelConfig):
         base = name_or_config.to_dict()
     else:

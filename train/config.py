@@ -12,10 +12,9 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from cxr_search.config import build_dataclass, merge_overrides
+from cxr_search.config import build_dataclass, list_json_registry, load_json_registry, merge_overrides
 from cxr_search.errors import ConfigError
 
 __all__ = [
@@ -267,17 +266,7 @@ _NESTED: Dict[Tuple[type, str], type] = {
 
 def list_recipes() -> List[str]:
     """Names of the registered recipes."""
-    root = resources.files("train").joinpath("recipes")
-    return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
-
-
-def _load_recipe(name: str) -> Dict[str, Any]:
-    path = resources.files("train").joinpath("recipes", f"{name}.json")
-    if not path.is_file():
-        raise ConfigError(f"unknown recipe '{name}'; available: {', '.join(list_recipes())}")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.setdefault("name", name)
-    return data
+    return list_json_registry("train", "recipes")
 
 
 def get_recipe(name_or_config: Union[str, TrainConfig, Mapping[str, Any]], **overrides: Any) -> TrainConfig:
@@ -292,7 +281,7 @@ def get_recipe(name_or_config: Union[str, TrainConfig, Mapping[str, Any]], **ove
         ConfigError: Unknown recipe or key, invalid value.
     """
     if isinstance(name_or_config, str):
-        base = TrainConfig.from_dict(_load_recipe(name_or_config)).to_dict()
+        base = TrainConfig.from_dict(load_json_registry("train", "recipes", name_or_config, "recipe")).to_dict()
     elif isinstance(name_or_config, TrainConfig):
         base = name_or_config.to_dict()
     else:

@@ -6,12 +6,13 @@ mapped to the error class's exit code, without a traceback.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -421,16 +422,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+    except Exception as exc:  # usage errors: a missing option, an unknown one, a bad value
+        usage_errors, aborts = _click_exception_types()
+        if isinstance(exc, usage_errors):
+            exc.show()  # "Usage: ...", "Try ... --help" and the error, as click prints it
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, aborts):
             return 1
         raise
     return rc if isinstance(rc, int) else 0
+
+
+def _click_exception_types() -> Tuple[Tuple[type, ...], Tuple[type, ...]]:
+    """``(ClickException classes, Abort classes)`` of the click that typer runs on.
+
+    typer >= 0.24 carries its own copy of click (``typer._click``) whose exceptions are not the installed
+    click's; older typer uses click itself. Both are collected, so a usage error never ends in a traceback.
+    """
+    usage: List[type] = []
+    aborts: List[type] = []
+    for name in ("typer._click.exceptions", "click.exceptions", "typer.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage += [getattr(module, "ClickException")] if hasattr(module, "ClickException") else []
+        aborts += [getattr(module, "Abort")] if hasattr(module, "Abort") else []
+    return tuple(usage), tuple(aborts)
 
 
 if __name__ == "__main__":

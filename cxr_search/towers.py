@@ -15,6 +15,7 @@ from torch import nn
 
 from cxr_search.config import ImageTowerConfig, TextTowerConfig
 from cxr_search.errors import CheckpointError, ConfigError
+from cxr_search.safe_load import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ class ImageTower(nn.Module):
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch_load_weights_only(
+                path, what="torch checkpoint", hint="give the image tower's weights (.safetensors, .pth or .pt)"
+            )
             state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
         # A classification head in a pretrained file is expected and dropped; nothing else is.
         head = {k for k in state if k.split(".")[0] in ("fc", "head", "classifier")}

@@ -176,16 +176,9 @@ def test_not_a_checkpoint(tmp_path, vocab_dir):
         load_model(tmp_path / "missing.tar")
 
 
-@pytest.mark.parametrize("content", [
-    b"root:x:0:0:root:/root:/bin/bash\n",  # text: torch's legacy unpickler fails with an IndexError
-    bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)),  # random bytes
-    pickle.dumps([1, 2, 3], protocol=4),  # a pickle, but not of a checkpoint
-])
-def test_other_files_give_one_short_checkpoint_error(tmp_path, vocab_dir, content):
+def test_text_file_gives_one_short_checkpoint_error(tmp_path, vocab_dir):
+    # torch's unpickler fails on it with an IndexError; tests/test_safe_load.py covers the other bad files.
     path = tmp_path / "model.tar"
-    path.write_bytes(content)
-    with pytest.raises(CheckpointError) as err:
+    path.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(CheckpointError, match="model.tar: not a readable torch checkpoint .*model convert"):
         load_model(path, tokenizer=vocab_dir)
-    message = str(err.value)
-    assert "model.tar" in message and "\n" not in message and len(message) < 400
-    assert "weights_only=False will likely succeed" not in message  # torch's advice, which must not reach users

@@ -32,6 +32,7 @@ from cxr_search.checkpoints import save_model
 from cxr_search.fileio import write_json_atomic
 from cxr_search.errors import CheckpointError
 from cxr_search.model import CXRClip
+from cxr_search.safe_load import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +125,11 @@ def load_state(checkpoint: Union[str, Path], map_location: Union[str, torch.devi
         CheckpointError: The file is missing, corrupt, or holds anything but tensors and plain values.
     """
     path = Path(checkpoint) / STATE_FILE
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise CheckpointError(f"{path}: cannot read training state safely: {exc}") from exc
+    return torch_load_weights_only(
+        path, what="training state", map_location=map_location,
+        hint=f"the checkpoint is damaged; to resume from an older one, set \"name\" in "
+        f"{Path(checkpoint).parent / LATEST_FILE} to its step-* folder",
+    )
 
 
 def list_step_checkpoints(run_dir: Union[str, Path]) -> List[Path]:

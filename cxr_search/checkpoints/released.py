@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import collections
 import logging
-import pickle
 import re
 import typing
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
 from cxr_search.errors import CheckpointError, UnsafeCheckpointError
+from cxr_search.safe_load import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +92,6 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def _unpickler_reason(exc: BaseException) -> str:
-    """The one line of torch's weights-only error that says what was refused.
-
-    torch's message is a page long and suggests ``weights_only=False``, which is what we must never do.
-    """
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        rest = text.split(marker, 1)[1].strip()
-        return rest.splitlines()[0].strip() if rest else "no reason given"
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-
-
 def read_released_file(path: Path) -> Dict[str, Any]:
     """Unpickle a released checkpoint without executing code from it.
 
@@ -128,22 +114,10 @@ def read_released_file(path: Path) -> Dict[str, Any]:
             "Nothing from the file was executed. Released CXR-CLIP files reference only torch tensors and "
             "omegaconf containers; this file is something else or has been tampered with."
         )
-    try:
-        with torch.serialization.safe_globals(_OMEGACONF_STANDINS + _PLAIN_GLOBALS), warnings.catch_warnings():
-            # A pickle of another protocol draws a UserWarning before the refusal; the error says it all.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{path}: refused by the weights-only unpickler ({_unpickler_reason(exc)}). Nothing from the file was "
-            "executed. Released CXR-CLIP files load under it; this file is something else or has been altered "
-            "(do not load it with weights_only=False)"
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - on a non-checkpoint file the unpickler fails in many ways (IndexError, KeyError ...)
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc}); give a released CXR-CLIP "
-            "file (e.g. r50_mcc.tar) or a model folder written by `cxr-search model convert`"
-        ) from exc
+    raw = torch_load_weights_only(
+        path, what="torch checkpoint", safe_globals=_OMEGACONF_STANDINS + _PLAIN_GLOBALS,
+        hint="give a released CXR-CLIP file (e.g. r50_mcc.tar) or a model folder written by `cxr-search model convert`",
+    )
     if not isinstance(raw, dict) or "model" not in raw:
         keys = sorted(raw)[:10] if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (a released CXR-CLIP file), got {keys}")

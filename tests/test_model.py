@@ -162,6 +162,28 @@ def test_own_format_round_trip_and_errors(tmp_path):
     assert model_fingerprint(other) != model_fingerprint(model)
 
 
+def test_model_folder_tokenizer_must_be_the_saved_one(tmp_path, caplog):
+    """A missing or edited vocab.txt would tokenise differently from training: refused, not replaced."""
+    trained = TextTokenizer.train(["large left pleural effusion", "no effusion"] * 3, vocab_size=60, max_length=32)
+    model = create_model("tiny", tokenizer=trained)
+    out = save_model(model, tmp_path / "m")
+    texts = ["small right effusion"]
+    again = load_model(out)
+    assert again.tokenizer.max_length == 32 != model.config.tokenizer.max_length  # the saved tokenizer's, not the config's
+    np.testing.assert_array_equal(again.embed_texts(texts), model.embed_texts(texts))
+    vocab = (out / "vocab.txt").read_text(encoding="utf-8")
+    (out / "vocab.txt").write_text(vocab + "extra\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="differ from the ones saved"):
+        load_model(out)
+    (out / "vocab.txt").unlink()  # the tiny preset's built-in tokenizer must not stand in for it
+    with pytest.raises(CheckpointError, match="vocab.txt is missing"):
+        load_model(out)
+    # A tokenizer passed explicitly is the user's choice: used, with a warning when it is another one.
+    with caplog.at_level("WARNING"):
+        other = load_model(out, tokenizer=TextTokenizer.basic(max_length=32))
+    assert other.tokenizer.vocab == basic_vocab() and "differs from the one saved" in caplog.text
+
+
 def test_fingerprint_describes_the_saved_weights_not_a_carried_over_value(tmp_path):
     """A model loaded from one checkpoint, trained on and saved again must not keep the old fingerprint."""
     start = load_model(save_model(create_model("tiny"), tmp_path / "start"))

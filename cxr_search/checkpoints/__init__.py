@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -164,17 +164,7 @@ def _load_native(root: Path, tokenizer: Any) -> CXRClip:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: unknown format {meta.get('format')!r}; expected {FORMAT!r}")
     config = ModelConfig.from_dict(meta["model"])
-    tok: Optional[TextTokenizer]
-    if isinstance(tokenizer, TextTokenizer):
-        tok = tokenizer
-    elif tokenizer is not None:
-        tok = TextTokenizer.from_dir(tokenizer, max_length=config.tokenizer.max_length)
-    elif (root / "vocab.txt").is_file():
-        tok = TextTokenizer.from_dir(root, max_length=config.tokenizer.max_length)
-    elif config.tokenizer.kind == "basic":
-        tok = TextTokenizer.basic(max_length=config.tokenizer.max_length)
-    else:
-        tok = None
+    tok = _native_tokenizer(root, tokenizer, config, meta.get("tokenizer") or {})
     model = CXRClip(config, tok)
     try:
         state = load_file(str(weights))
@@ -188,6 +178,43 @@ def _load_native(root: Path, tokenizer: Any) -> CXRClip:
     model.load_state_dict(state, strict=True)
     model.provenance = dict(meta.get("provenance") or {})
     return model
+
+
+def _native_tokenizer(root: Path, tokenizer: Any, config: ModelConfig, recorded: Mapping[str, Any]) -> Optional[TextTokenizer]:
+    """The tokenizer of a model folder: the one given, else the folder's own, checked against config.json.
+
+    A folder whose config.json records a tokenizer must still hold it, unchanged: a missing or edited
+    ``vocab.txt`` would silently tokenise differently from training and give other embeddings.
+
+    Raises:
+        CheckpointError: The recorded tokenizer files are missing or differ from what was saved.
+    """
+    if isinstance(tokenizer, TextTokenizer) or tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, TextTokenizer) else TextTokenizer.from_dir(
+            tokenizer, max_length=config.tokenizer.max_length)
+        if recorded.get("sha256") and tok.sha256() != recorded["sha256"]:
+            logger.warning("%s: the tokenizer given differs from the one saved with the model; embeddings of texts "
+                           "will differ from the model's own", root)
+        return tok
+    if (root / "vocab.txt").is_file():
+        # The saved tokenizer's own length: a model built with a tokenizer of another max_length than its
+        # config's must truncate as it did when it was saved.
+        tok = TextTokenizer.from_dir(root, max_length=int(recorded.get("max_length") or config.tokenizer.max_length))
+        if recorded.get("sha256") and tok.sha256() != recorded["sha256"]:
+            raise CheckpointError(
+                f"{root}: vocab.txt or tokenizer_config.json differ from the ones saved with the model (sha256 "
+                f"{tok.sha256()[:12]}..., recorded {str(recorded['sha256'])[:12]}...); restore them from the "
+                "original model folder"
+            )
+        return tok
+    if recorded:
+        raise CheckpointError(
+            f"{root}: {CONFIG_FILE} records a tokenizer but vocab.txt is missing; restore the folder's vocab.txt "
+            "and tokenizer_config.json from the original model folder (or pass --tokenizer DIR)"
+        )
+    if config.tokenizer.kind == "basic":
+        return TextTokenizer.basic(max_length=config.tokenizer.max_length)
+    return None
 
 
 # ------------------------------------------------------------------------------------- saving

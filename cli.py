@@ -6,8 +6,10 @@ mapped to the error class's exit code, without a traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import os
 import logging
 import sys
 import time
@@ -19,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_search.errors import CxrSearchError, InputFileError
-from cxr_search.fileio import atomic_write, emit_json
+from cxr_search.fileio import atomic_write, emit_json, write_text_atomic
 from index.bench.commands import bench_app
 from index.commands import index_app, search_app
 from index.demo_defaults import DEFAULT_EPOCHS, DEFAULT_STUDIES
@@ -44,6 +46,8 @@ app.add_typer(search_app, name="search")
 app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True)
+#: Exit code of a file-system failure (OSError) that no more specific error covers.
+OS_ERROR_EXIT = 9
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
 
@@ -51,6 +55,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-v info, -vv debug).")) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _writable_output(path: Path) -> None:
+    """Fail before hours of work, not after, when ``path`` cannot be written (folder created here).
+
+    Raises:
+        OSError: The folder cannot be created or written to (the CLI prints it as one line).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(errno.EACCES, "folder not writable", str(path.parent))
 
 
 def _atomic_save_npy(path: Path, array: Any) -> None:
@@ -169,13 +184,14 @@ def embed_images(
     files = expand_image_paths(paths)
     if not files:
         raise InputFileError(None, "no image files found in the given paths (.png, .jpg, .jpeg, .dcm)")
+    _writable_output(out)
     m = load_model(model, tokenizer=tokenizer, require_tokenizer=False)
     t0 = time.perf_counter()
     emb = m.embed_images(files, batch_size=batch_size, device=device, precision=precision,
                          num_workers=workers, progress=not json_out)
     secs = time.perf_counter() - t0
     _atomic_save_npy(out, emb)
-    out.with_name(out.name + ".paths.txt").write_text("\n".join(map(str, files)) + "\n", encoding="utf-8")
+    write_text_atomic(out.with_name(out.name + ".paths.txt"), "\n".join(map(str, files)) + "\n")
     summary = {"count": len(files), "dim": int(emb.shape[1]), "out": str(out), "seconds": round(secs, 3),
                "items_per_s": round(len(files) / secs, 2) if secs > 0 else None, "precision": precision}
     if json_out:
@@ -206,6 +222,7 @@ def embed_texts(
         items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not items or not all(t.strip() for t in items):
         raise InputFileError(None, "no texts given (pass texts as arguments or --file) or an empty text")
+    _writable_output(out)
     m = load_model(model, tokenizer=tokenizer)
     t0 = time.perf_counter()
     emb = m.embed_texts(items, batch_size=batch_size, device=device, precision=precision, progress=not json_out)
@@ -422,6 +439,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
+    except OSError as exc:  # the file system refused: an output folder that cannot exist, a full disk, permissions
+        logging.getLogger("cxr_search.cli").debug("file system error", exc_info=True)  # traceback with -vv
+        where = f"{exc.filename}: " if exc.filename else ""
+        console.print(f"[bold red]error:[/bold red] {where}{exc.strerror or exc}; check the path, its permissions "
+                      "and the free disk space", highlight=False, soft_wrap=True)
+        return OS_ERROR_EXIT
     except Exception as exc:  # usage errors: a missing option, an unknown one, a bad value
         usage_errors, aborts = _click_exception_types()
         if isinstance(exc, usage_errors):

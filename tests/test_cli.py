@@ -83,6 +83,10 @@ def test_user_errors_are_one_line_with_exit_codes(tmp_path, capsys):
     code, _, err = run(capsys, "embed", "texts", "x", "--model", "tiny", "--out", str(tmp_path / "x.npy"), "--precision", "int3")
     assert code == 2 and "precision" in err
     assert not (tmp_path / "x.npy").exists()
+    # An output that cannot be written fails before any work, as one line with the file-system exit code.
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "embed", "texts", "x", "--model", "tiny", "--out", str(tmp_path / "file" / "x.npy"))
+    assert code == cli.OS_ERROR_EXIT and "file" in err and "Traceback" not in err and "embedding" not in err
 
 
 @pytest.mark.parametrize("argv, expected", [

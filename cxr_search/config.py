@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -173,20 +174,76 @@ def build_dataclass(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
             f"valid keys: {', '.join(prefix + k for k in sorted(fields))}"
         )
+    hints = typing.get_type_hints(cls)
     kwargs: Dict[str, Any] = {}
     for name, value in data.items():
         sub = nested.get((cls, name))
         key = f"{where}.{name}" if where else name
         if sub is not None:
             kwargs[name] = build_dataclass(sub, value, key, nested)
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if not _matches(value, hints.get(name, Any)):
+            raise ConfigError(f"config key '{key}': expected {_describe(hints[name])}, got {_shown(value)}")
+        kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a missing required field
         raise ConfigError(f"config section '{where or cls.__name__}': {exc}") from None
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the field annotation ``hint`` (ints count as floats; bools are not ints)."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return True  # an annotation this check does not know: the dataclass's own validation decides
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it (JSON: true, null, [0.9]), else its repr."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _describe(hint: Any) -> str:
+    """An annotation in words: ``Optional[float]`` -> ``a number or null``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_describe(arg) for arg in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if origin is tuple or hint is tuple:
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in names:
+            return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"  # "an integer" -> "a list of integers"
+        return f"a list of {len(args)} values" if args and args[-1] is not Ellipsis else "a list"
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        return "a mapping"
+    return str(hint)
 
 
 _NESTED: Dict[Tuple[type, str], type] = {

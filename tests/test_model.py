@@ -40,6 +40,8 @@ def test_overrides_change_config_and_unknown_keys_fail():
         get_model_config("tiny", image={"nmae": "x"})
     with pytest.raises(ConfigError, match="unknown model preset"):
         get_model_config("no-such-preset")
+    with pytest.raises(ConfigError, match="'preprocess.crop_size': expected an integer, got \"48\""):
+        get_model_config("tiny", preprocess={"crop_size": "48"})  # `--set preprocess.crop_size='"48"'`
     assert parse_set_options(["image.name=resnet18", "embed_dim=16", "preprocess.mean=[0.5,0.5,0.5]"]) == {
         "image": {"name": "resnet18"}, "embed_dim": 16, "preprocess": {"mean": [0.5, 0.5, 0.5]}}
     # Round trip through a plain dict (what checkpoints store).

@@ -56,6 +56,27 @@ def test_recipe_overrides_and_unknown_keys() -> None:
         get_recipe("r50-m", loss={"icl_weight": float("nan")})
 
 
+@pytest.mark.parametrize("section, expected", [
+    ({"optim": {"lr": "abc"}}, "config key 'optim.lr': expected a number, got \"abc\""),
+    ({"optim": {"epochs": 2.5}}, "'optim.epochs': expected an integer, got 2.5"),
+    ({"data": {"label_groups": True}}, "'data.label_groups': expected an integer, got true"),
+    ({"loss": {"label_within": 1}}, "'loss.label_within': expected true or false, got 1"),
+    ({"loss": {"label_names": 3}}, "'loss.label_names': expected a list of strings, got 3"),
+    ({"optim": {"betas": [0.9]}}, "'optim.betas': expected a list of 2 values, got [0.9]"),
+])
+def test_values_of_the_wrong_type_are_named(section, expected) -> None:
+    # `--set optim.lr=abc` used to end in "'<=' not supported between instances of 'str' and 'int'".
+    with pytest.raises(ConfigError) as err:
+        get_recipe("tiny-synth", **section)
+    assert expected in str(err.value)
+
+
+def test_right_types_still_pass() -> None:
+    cfg = get_recipe("tiny-synth", optim={"lr": 1, "betas": [0.8, 0.99]}, loss={"label_names": ["Edema"]},
+                     data={"label_groups": 0})
+    assert cfg.optim.lr == 1 and cfg.optim.betas == (0.8, 0.99) and cfg.loss.label_names == ("Edema",)
+
+
 def test_released_recipes_use_the_reference_loss() -> None:
     """The six released configurations train CXR-CLIP's loss exactly: no label term."""
     for name in ("r50-m", "r50-mc", "r50-mcc", "swint-m", "swint-mc", "swint-mcc"):

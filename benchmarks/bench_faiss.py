@@ -5,7 +5,7 @@ Usage:
         [--bytes-per-vector B] [--queries 1000] [--spectrum-decay 0.5] [--noise 0.027] [--offset 1.0]
         [--seed 0] [--no-store-rerank] [--out OUT.json]
 
-Data: ``index.ann_factory.clustered_unit_vectors`` (documented there): ``n / 100`` clusters around a
+Data: ``index.ann_eval.clustered_unit_vectors`` (documented there): ``n / 100`` clusters around a
 shared mean direction, within-cluster noise with a ~1/i variance spectrum, L2-normalised; with the
 defaults the mean nearest-neighbour cosine is ~0.9, like the engine-facts "clustered proxy" (the
 measured value is printed). Queries are held out: new draws from the same clusters (another stream).
@@ -143,7 +143,7 @@ def main() -> None:
     plain = measured["index only"]
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "data": {"generator": "index.ann_factory.clustered_unit_vectors", **gen, "n": args.n, "dim": args.dim,
+        "data": {"generator": "index.ann_eval.clustered_unit_vectors", **gen, "n": args.n, "dim": args.dim,
                  "queries": args.queries, "mean_nn_cosine": round(float(exact_scores[:, 0].mean()), 4),
                  "mean_10th_nn_cosine": round(float(exact_scores[:, 9].mean()), 4)},
         "factory": info["factory"], "search_params": index.search_params,

@@ -31,9 +31,9 @@ import numpy as np
 
 from cxr_search.errors import SearchIndexError
 from cxr_search.fileio import atomic_write
-from index.ann_factory import (DEFAULT_BYTES_PER_VECTOR, EXACT_THRESHOLD, ParsedFactory, candidate_factories,
-                               choose_factory, clustered_unit_vectors, exact_search, id_selector, ip_pca_matrix,
-                               parse_factory, recall_at_k, rerank_exact)
+from index.ann_eval import clustered_unit_vectors, exact_search, recall_at_k
+from index.ann_factory import (DEFAULT_BYTES_PER_VECTOR, EXACT_THRESHOLD, ParsedFactory, candidate_factories, check_ids,
+                               check_vectors, choose_factory, id_selector, ip_pca_matrix, parse_factory, rerank_exact)
 
 __all__ = ["EXACT_THRESHOLD", "DEFAULT_BYTES_PER_VECTOR", "DEFAULT_RERANK_K", "VectorIndex", "build_index",
            "choose_factory", "candidate_factories", "clustered_unit_vectors", "exact_search", "rank_candidates",
@@ -48,24 +48,6 @@ _CHUNK = 65_536
 #: Candidates re-scored exactly per query when ``search(..., rerank=fetch)`` is used.
 DEFAULT_RERANK_K = 50
 _IP = faiss.METRIC_INNER_PRODUCT
-
-
-def _vectors(x: Any, dim: int, what: str) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float32)
-    if a.ndim == 1:
-        a = a[None, :]
-    if a.ndim != 2 or a.shape[1] != dim:
-        raise SearchIndexError(f"{what}: expected shape [n, {dim}], got {list(np.shape(x))}")
-    if not np.isfinite(a).all():
-        raise SearchIndexError(f"{what}: contains NaN or infinite values; re-embed those items")
-    return np.ascontiguousarray(a)
-
-
-def _id_array(ids: Any, what: str = "ids") -> np.ndarray:
-    a = np.asarray(ids if ids is not None else [], dtype=np.int64).ravel()
-    if len(a) and a.min() < 0:
-        raise SearchIndexError(f"{what}: negative id {int(a.min())}; ids are store primary keys (>= 0)")
-    return np.ascontiguousarray(a)
 
 
 def _in_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -159,7 +141,7 @@ class VectorIndex:
         Raises:
             SearchIndexError: Too few or malformed training vectors.
         """
-        x = _vectors(sample, self.dim, "training sample")
+        x = check_vectors(sample, self.dim, "training sample")
         if self.kind != "ivf":
             return
         if self.ntotal:
@@ -190,8 +172,8 @@ class VectorIndex:
             SearchIndexError: Untrained index, shape mismatch, or an id repeated in ``ids`` or already
                 present (duplicates never enter silently).
         """
-        x = _vectors(vectors, self.dim, "vectors to add")
-        ids = _id_array(ids)
+        x = check_vectors(vectors, self.dim, "vectors to add")
+        ids = check_ids(ids)
         if len(ids) != len(x):
             raise SearchIndexError(f"{len(x)} vectors but {len(ids)} ids to add")
         if not len(ids):
@@ -224,7 +206,7 @@ class VectorIndex:
         Raises:
             SearchIndexError: HNSW index (it cannot remove; rebuild it).
         """
-        ids = np.unique(_id_array(ids))
+        ids = np.unique(check_ids(ids))
         if self.kind == "hnsw":
             raise SearchIndexError(f"{self.factory}: HNSW indexes cannot remove ids; rebuild the index without "
                                    "those ids (build_index), or use an IVF or Flat factory, which can")
@@ -314,7 +296,7 @@ class VectorIndex:
         Raises:
             SearchIndexError: Malformed queries, ``k < 1``, or ``rerank`` returned malformed vectors.
         """
-        q = _vectors(queries, self.dim, "queries")
+        q = check_vectors(queries, self.dim, "queries")
         if int(k) < 1:
             raise SearchIndexError(f"k must be >= 1, got {k}")
         k = int(k)
@@ -332,15 +314,15 @@ class VectorIndex:
         present = self._id_cache()
         sel, keep, eligible, ex = None, [], None, np.zeros(0, dtype=np.int64)
         if allowed is not None:
-            eligible = np.unique(_id_array(allowed, "allowed ids"))
+            eligible = np.unique(check_ids(allowed, "allowed ids"))
             eligible = eligible[_in_sorted(present, eligible)]
             if excluded is not None:
-                eligible = np.setdiff1d(eligible, _id_array(excluded, "excluded ids"), assume_unique=False)
+                eligible = np.setdiff1d(eligible, check_ids(excluded, "excluded ids"), assume_unique=False)
             n_eligible = len(eligible)
             if n_eligible:
                 sel, keep = id_selector(eligible)
         elif excluded is not None:
-            ex = np.unique(_id_array(excluded, "excluded ids"))
+            ex = np.unique(check_ids(excluded, "excluded ids"))
             ex = ex[_in_sorted(present, ex)]
             n_eligible = len(present) - len(ex)
             if len(ex):

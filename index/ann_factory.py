@@ -2,8 +2,8 @@
 
 :mod:`index.ann` owns the index object (:class:`index.ann.VectorIndex`) and re-exports the public names
 defined here. This module holds the choice of factory, the pieces the index is made of (inner-product
-PCA, id selectors, exact re-ranking), the brute-force reference (:func:`exact_search`,
-:func:`recall_at_k`), :func:`build_index` and a seeded generator of clustered test vectors.
+PCA, id selectors, exact re-ranking, input checks) and :func:`build_index`. The brute-force reference
+and the seeded test vectors are in :mod:`index.ann_eval`.
 
 The rule (:func:`choose_factory`), from ``engine-facts.md`` (2-core CPU, 512-d, inner product):
 
@@ -37,6 +37,7 @@ import faiss
 import numpy as np
 
 from cxr_search.errors import SearchIndexError
+from index.ann_eval import recall_at_k
 
 if TYPE_CHECKING:
     from index.ann import VectorIndex
@@ -231,10 +232,31 @@ def ip_pca_matrix(sample: np.ndarray, dims: int, rotate: bool, seed: int = 0) ->
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _as_vectors(x: Any, dim: int, what: str) -> np.ndarray:
+def check_vectors(x: Any, dim: int, what: str) -> np.ndarray:
+    """``x`` as a C-contiguous float32 ``[n, dim]`` array (one vector may be 1-D).
+
+    Raises:
+        SearchIndexError: Wrong shape, or NaN / infinite values.
+    """
     a = np.asarray(x, dtype=np.float32)
-    if a.ndim != 2 or a.shape[1] != dim or not np.isfinite(a).all():
-        raise SearchIndexError(f"{what}: expected finite [n, {dim}] vectors, got shape {list(a.shape)}")
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise SearchIndexError(f"{what}: expected shape [n, {dim}], got {list(np.shape(x))}")
+    if not np.isfinite(a).all():
+        raise SearchIndexError(f"{what}: contains NaN or infinite values; re-embed those items")
+    return np.ascontiguousarray(a)
+
+
+def check_ids(ids: Any, what: str = "ids") -> np.ndarray:
+    """``ids`` as a C-contiguous int64 array of store primary keys.
+
+    Raises:
+        SearchIndexError: A negative id.
+    """
+    a = np.asarray(ids if ids is not None else [], dtype=np.int64).ravel()
+    if len(a) and a.min() < 0:
+        raise SearchIndexError(f"{what}: negative id {int(a.min())}; ids are store primary keys (>= 0)")
     return np.ascontiguousarray(a)
 
 
@@ -242,7 +264,7 @@ def rerank_exact(q: np.ndarray, cand: np.ndarray, k: int, fetch: Callable[[np.nd
                  dim: int) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of each query among its candidate ids, with vectors from ``fetch``."""
     uniq = np.unique(cand[cand >= 0])
-    vecs = _as_vectors(fetch(uniq), dim, "re-ranking vectors") if len(uniq) else np.zeros((0, dim), np.float32)
+    vecs = check_vectors(fetch(uniq), dim, "re-ranking vectors") if len(uniq) else np.zeros((0, dim), np.float32)
     if len(vecs) != len(uniq):
         raise SearchIndexError(f"re-ranking: asked for {len(uniq)} vectors, got {len(vecs)}")
     scores = np.full((len(q), k), -np.inf, dtype=np.float32)
@@ -253,88 +275,6 @@ def rerank_exact(q: np.ndarray, cand: np.ndarray, k: int, fetch: Callable[[np.nd
         top = np.argsort(-sc, kind="stable")[:k]
         scores[r, :len(top)], labels[r, :len(top)] = sc[top], row[top]
     return scores, labels
-
-
-def clustered_unit_vectors(n: int, dim: int = 512, *, n_clusters: Optional[int] = None,
-                           spectrum_decay: float = 0.5, noise: float = 0.027, offset: float = 1.0,
-                           seed: int = 0, stream: int = 0, chunk: int = 65_536) -> np.ndarray:
-    """Seeded clustered L2-normalised float32 vectors, a stand-in for image embeddings.
-
-    ``x = normalise(offset * u + c_j + noise * R (s * g))``: ``u`` is one shared unit direction (CLIP-like
-    embeddings share a large mean: random pairs have cosine ~0.4 here), ``c_j`` one of ``n_clusters``
-    unit centres (default ``n // 100``, i.e. ~100 vectors a cluster at any ``n``) drawn with the same
-    spectrum, ``g`` standard normal, ``R`` a fixed random rotation and ``s_i ~ i ** -spectrum_decay``
-    (normalised to mean square 1) a decaying per-component scale: 0.5 gives a variance spectrum ~1/i,
-    roughly that of CLIP embeddings, 0 isotropic noise (hardest to compress). With the defaults at 512-d
-    the mean nearest-neighbour cosine is 0.90 at n = 200k and 1M (measured by ``benchmarks/bench_faiss.py``).
-    Held-out queries: the same arguments (including ``n_clusters``) with another ``stream``.
-
-    Args:
-        n: Number of vectors.
-        dim: Dimension.
-        n_clusters: Number of clusters.
-        spectrum_decay: Exponent of the per-component scale.
-        noise: Within-cluster noise scale.
-        offset: Weight of the shared direction.
-        seed: Seed of centres, rotation and noise; the same seed gives the same clusters.
-        stream: Noise stream: another stream draws new vectors from the *same* clusters (held-out
-            queries).
-        chunk: Rows generated at a time (bounds temporary memory).
-
-    Returns:
-        ``[n, dim]`` float32, rows of unit norm.
-    """
-    rng = np.random.default_rng([seed, 0])
-    rot, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
-    scale = (np.arange(dim) + 1.0) ** -spectrum_decay
-    scale /= np.sqrt(np.mean(scale**2))
-    n_clusters = int(n_clusters or max(1, n // 100))
-    shared = rng.standard_normal(dim)
-    shared /= np.linalg.norm(shared)
-    centres = (rng.standard_normal((n_clusters, dim)) * scale) @ rot.T
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    centres += offset * shared
-    out = np.empty((n, dim), dtype=np.float32)
-    for i, start in enumerate(range(0, n, chunk)):
-        m = min(chunk, n - start)
-        r = np.random.default_rng([seed, 1 + stream, i])
-        x = centres[r.integers(n_clusters, size=m)] + noise * ((r.standard_normal((m, dim)) * scale) @ rot.T)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[start:start + m] = x
-    return out
-
-
-def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
-                 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-``k`` inner product in numpy (the reference every index is tested against).
-
-    Returns:
-        ``(scores [Q, k] float32, ids [Q, k] int64)`` best first, padded with ``-inf`` / ``-1``.
-    """
-    x = np.asarray(vectors, dtype=np.float32)
-    q = np.asarray(queries, dtype=np.float32)
-    q = q[None, :] if q.ndim == 1 else q
-    ids = np.asarray(ids, dtype=np.int64)
-    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(q), k), -1, dtype=np.int64)
-    step = max(1024, (1 << 25) // max(len(q), 1))
-    for s in range(0, len(x), step):
-        sc = q @ x[s:s + step].T
-        cat_s = np.concatenate([best_s, sc], axis=1)
-        cat_i = np.concatenate([best_i, np.broadcast_to(ids[s:s + step], sc.shape)], axis=1)
-        top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k] if cat_s.shape[1] > k else np.argsort(-cat_s, 1)
-        best_s = np.take_along_axis(cat_s, top, 1)
-        best_i = np.take_along_axis(cat_i, top, 1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
-
-
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> float:
-    """k-recall@k: mean fraction of each query's exact top-``k`` ids found in its approximate top-``k``."""
-    a, e = np.asarray(approx_ids)[:, :k], np.asarray(exact_ids)[:, :k]
-    hits = [len(set(ar[ar >= 0].tolist()) & set(er[er >= 0].tolist())) / max(int((er >= 0).sum()), 1)
-            for ar, er in zip(a, e)]
-    return float(np.mean(hits)) if hits else 1.0
 
 
 def _neighbours_without_self(index_search: Any, qids: np.ndarray, k: int) -> np.ndarray:
@@ -396,10 +336,10 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, factory: Optional[str] 
         recall_curve, recall_method``; for IVF ``rerank_recall_at_10``; when the factory was chosen
         among several, ``candidates`` (each with its recall on the sample).
     """
-    from index.ann import VectorIndex, _id_array, _vectors
+    from index.ann import VectorIndex
 
-    x = _vectors(vectors, np.shape(vectors)[-1], "vectors")
-    ids = _id_array(ids)
+    x = check_vectors(vectors, np.shape(vectors)[-1], "vectors")
+    ids = check_ids(ids)
     n, dim = x.shape
     if len(ids) != n:
         raise SearchIndexError(f"{n} vectors but {len(ids)} ids")

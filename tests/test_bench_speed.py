@@ -49,7 +49,7 @@ def test_search_recall_is_measured_against_brute_force():
     assert [r["name"] for r in result["rows"]] == ["exact", "auto"]
     assert all(r["recall_at_10"] == 1.0 for r in result["rows"])
     # The recall's reference is a brute-force search: check it by argsort on the same seeded data.
-    from index.ann_factory import clustered_unit_vectors, exact_search
+    from index.ann_eval import clustered_unit_vectors, exact_search
 
     x = clustered_unit_vectors(500, 16, n_clusters=5, seed=1)
     q = clustered_unit_vectors(5, 16, n_clusters=5, seed=1, stream=1)

@@ -6,9 +6,9 @@
 * **Text queries**: p50/p99 latency of one query, ``model.embed_texts([q])``, with the int8 text encoder
   (the CPU default of interactive search) and in fp32, and the smallest cosine between the two.
 * **Search**: on ``n`` seeded clustered unit vectors of the model's embedding size
-  (:func:`index.ann_factory.clustered_unit_vectors`, nearest-neighbour cosine ~0.9 like image
+  (:func:`index.ann_eval.clustered_unit_vectors`, nearest-neighbour cosine ~0.9 like image
   embeddings) and held-out queries from the same clusters: build time, p50/p99 latency of single-query
-  searches, and 10-recall@10 against a brute-force numpy search (:func:`index.ann_factory.exact_search`)
+  searches, and 10-recall@10 against a brute-force numpy search (:func:`index.ann_eval.exact_search`)
   of an exact ``Flat`` index, of the engine's automatic choice for ``n`` (:func:`index.ann_factory.build_index`
   with ``factory=None``: ``Flat`` up to 100,000 vectors) and, when that is ``Flat``, of the ANN index the
   engine would choose beyond the exact threshold, sized for ``n`` (IVF lists for ``n``, tuned the same way).
@@ -228,8 +228,8 @@ def search_benchmark(n: int, dim: int, *, n_queries: int = 200, k: int = 10, see
         ConfigError: ``n`` < ``k`` or ``n_queries`` < 1.
     """
     from index.ann import VectorIndex
-    from index.ann_factory import (EXACT_THRESHOLD, build_index, choose_factory, choose_nlist, clustered_unit_vectors,
-                                   exact_search, recall_at_k, with_nlist)
+    from index.ann_eval import clustered_unit_vectors, exact_search, recall_at_k
+    from index.ann_factory import EXACT_THRESHOLD, build_index, choose_factory, choose_nlist, with_nlist
 
     if k < 1 or n < k or n_queries < 1:
         raise ConfigError(f"the search benchmark needs --index-size >= {k} and >= 1 query, got {n} and {n_queries}")

@@ -13,9 +13,12 @@ from PIL import Image
 
 from cxr_search.cache import CACHE_INFO_FILE, build_cache, cache_path
 from cxr_search.config import PreprocessConfig
+from cxr_search.datasets import manifest
+from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.errors import ConfigError, DatasetError
 from cxr_search.training_data import StudyDataset, read_manifest_rows
 from cxr_search.transforms import load_image
+from tests.dicom_fixtures import make_ds, save
 from tests.test_training_data import PRE, noisy, row, write_png
 
 # ---------------------------------------------------------------------------------- cache
@@ -81,32 +84,11 @@ def test_cache_ignores_partial_and_empty_files(tmp_path):
     assert not list(out.rglob("*.partial"))
 
 
-def _write_dicom(path: Path, pixels: np.ndarray) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_cache_dicom_input(tmp_path):
-    pytest.importorskip("cxr_search.dicom", reason="cxr_search.dicom (the DICOM reader) is not in this checkout yet")
     yy, xx = np.mgrid[0:200, 0:160]
     raw = (xx * 15 + yy * 5).astype(np.uint16)  # 12-bit ramp (max 3380), brighter to the right and down
     dcm = tmp_path / "img.dcm"
-    _write_dicom(dcm, raw)
+    save(make_ds(raw, bits_stored=12), dcm)
     bare = tmp_path / "extensionless"
     bare.write_bytes(dcm.read_bytes())
     rows = [row("pacs", "s1", "1.2.3", str(dcm)), row("pacs", "s1", "1.2.4", str(bare))]
@@ -136,12 +118,11 @@ def test_read_manifest_rows(tmp_path):
 
 
 def test_manifest_rows_interoperate(tmp_path):
-    manifest = pytest.importorskip("cxr_search.datasets.manifest", reason="cxr_search.datasets.manifest not in this checkout yet")
     paths = [write_png(tmp_path / f"{k}.png", noisy((60, 70), seed=k)) for k in range(3)]
     rows = [
-        manifest.ManifestRow("chexpert", "train", "p1", "s1", "a", paths[0], "PA", labels={"Edema": 1.0}, label_vocab="chexpert"),
-        manifest.ManifestRow("chexpert", "train", "p1", "s1", "b", paths[1], "LATERAL", labels={"Edema": 1.0}, label_vocab="chexpert"),
-        manifest.ManifestRow("openi", "train", "p2", "s2", "c", paths[2], "PA", findings="Clear.", impression="Normal."),
+        ManifestRow("chexpert", "train", "p1", "s1", "a", paths[0], "PA", labels={"Edema": 1.0}, label_vocab="chexpert"),
+        ManifestRow("chexpert", "train", "p1", "s1", "b", paths[1], "LATERAL", labels={"Edema": 1.0}, label_vocab="chexpert"),
+        ManifestRow("openi", "train", "p2", "s2", "c", paths[2], "PA", findings="Clear.", impression="Normal."),
     ]
     manifest.write_manifest(rows, tmp_path / "m.csv")
     typed = manifest.read_manifest(tmp_path / "m.csv", split="train")

@@ -1,4 +1,5 @@
-"""The photometric-aware DICOM reader: decode, modality/VOI LUTs, inversion, padding, headers.
+"""The photometric-aware DICOM reader: decode, modality/VOI LUTs, inversion, padding (headers and
+errors: ``test_dicom_header.py``, ``test_dicom_errors.py``).
 
 Real files only: pydicom's own test files and DICOM files written here with pydicom (and GDCM for
 the JPEG syntaxes pydicom cannot encode). Every fast path is compared with a slow, obvious float64
@@ -7,10 +8,8 @@ computation of the same chain.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -19,103 +18,16 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
-    RLELossless,
-    generate_uid,
-)
+from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-import cxr_search.dicom as dicom_mod
 import cxr_search.dicom_codecs as codecs_mod
-from cxr_search.dicom import (
-    DicomHeader,
-    DicomImage,
-    normalise_view,
-    parse_age,
-    parse_pixel_spacing,
-    parse_sex,
-    read_dicom,
-    read_dicom_header,
-)
-from cxr_search.dicom_header import age_from_dates, parse_da
-from cxr_search.errors import (
-    ColourImageError,
-    DicomError,
-    MultiFrameError,
-    NoPixelDataError,
-    NotDicomError,
-    PixelDataError,
-)
-
-DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-CR_DIR = Path(get_testdata_file("MR_small.dcm")).parent / "dicomdirtests" / "77654033"
-
+from cxr_search.dicom import read_dicom, read_dicom_header
+from cxr_search.errors import NoPixelDataError
+from tests.dicom_fixtures import CR_DIR, make_ds, radiograph, save, write
 
 # --------------------------------------------------------------------------------------------------
-# Helpers: writing DICOM files and the slow reference chain
+# The slow reference chain
 # --------------------------------------------------------------------------------------------------
-
-
-def radiograph(
-    rows: int = 96, cols: int = 80, bits: int = 12, seed: int = 0, noise: float = 0.004
-) -> np.ndarray:
-    """A smooth radiograph-like image of `bits`-bit unsigned values, with a little noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float64)
-    body = np.exp(-(((xx - cols / 2) / (0.42 * cols)) ** 4 + ((yy - rows / 2) / (0.5 * rows)) ** 4))
-    lungs = sum(
-        np.exp(-(((xx - cx) / (0.14 * cols)) ** 2 + ((yy - 0.45 * rows) / (0.28 * rows)) ** 2))
-        for cx in (0.32 * cols, 0.68 * cols)
-    )
-    ribs = 0.05 * np.sin(yy / rows * 40.0) * body
-    img = 0.15 + 0.7 * body - 0.35 * lungs + ribs
-    img += rng.normal(0.0, noise, img.shape)
-    top = (1 << bits) - 1
-    return np.clip(img * top, 0, top).astype(np.uint16)
-
-
-def make_ds(
-    pixels: np.ndarray,
-    *,
-    bits_stored: Optional[int] = None,
-    signed: bool = False,
-    photometric: str = "MONOCHROME2",
-    tsyntax: str = ExplicitVRLittleEndian,
-    **attrs: Any,
-) -> Dataset:
-    """A single-frame greyscale DX dataset holding `pixels` (stored values as given)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = tsyntax
-    ds.SOPClassUID = DX_SOP_CLASS
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    allocated = pixels.dtype.itemsize * 8
-    ds.BitsAllocated = allocated
-    ds.BitsStored = bits_stored or allocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = int(signed)
-    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    return ds
-
-
-def save(ds: Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def write(tmp_path: Path, name: str, pixels: np.ndarray, **kwargs: Any) -> Path:
-    return save(make_ds(pixels, **kwargs), tmp_path / name)
 
 
 def minmax_u8(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -454,132 +366,6 @@ def test_files_without_preamble(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------------
-
-
-def test_truncated_pixel_data(tmp_path: Path) -> None:
-    path = write(tmp_path, "full.dcm", radiograph(bits=12), bits_stored=12)
-    cut = tmp_path / "cut.dcm"
-    cut.write_bytes(path.read_bytes()[:-2000])
-    with pytest.raises(PixelDataError) as info:
-        read_dicom(cut)
-    assert str(cut) in str(info.value) and "truncated" in str(info.value)
-    with pytest.raises(PixelDataError):
-        read_dicom(get_testdata_file("MR_truncated.dcm"))
-    # A truncated JPEG 2000 codestream.
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    ds.compress(JPEG2000Lossless)
-    data = bytearray(ds.PixelData)
-    ds.PixelData = bytes(data[: len(data) // 3]) + b"\x00" * (len(data) // 3 % 2)
-    broken = tmp_path / "broken_j2k.dcm"
-    ds.save_as(broken, enforce_file_format=True)
-    with pytest.raises(PixelDataError):
-        read_dicom(broken)
-
-
-def test_not_dicom_files(tmp_path: Path) -> None:
-    text = tmp_path / "report.txt"
-    text.write_text("FINDINGS: No acute cardiopulmonary process.\n" * 10)
-    empty = tmp_path / "empty.dcm"
-    empty.write_bytes(b"")
-    noise = tmp_path / "noise.dcm"
-    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    png = tmp_path / "image.dcm"
-    from PIL import Image
-
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, format="PNG")
-    for path in (text, empty, noise, png, Path(get_testdata_file("no_meta.dcm"))):
-        with pytest.raises(NotDicomError) as info:
-            read_dicom(path)
-        assert str(path) in str(info.value)
-        with pytest.raises(NotDicomError):
-            read_dicom_header(path)
-    with pytest.raises(DicomError):
-        read_dicom(tmp_path / "missing.dcm")
-
-
-def test_structured_report_has_no_pixel_data(tmp_path: Path) -> None:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "SR"
-    ds.ValueType = "CONTAINER"
-    path = save(ds, tmp_path / "sr.dcm")
-    with pytest.raises(NoPixelDataError) as info:
-        read_dicom(path)
-    assert "Basic Text SR" in str(info.value)
-    header = read_dicom_header(path)
-    assert header.has_pixel_data is False and header.number_of_frames is None
-    with pytest.raises(NoPixelDataError):
-        read_dicom(get_testdata_file("test-SR.dcm"))
-
-
-def test_multi_frame_and_colour_are_rejected(tmp_path: Path) -> None:
-    frames = np.stack([radiograph(bits=12)] * 2)
-    ds = make_ds(frames[0], bits_stored=12)
-    ds.NumberOfFrames = 2
-    ds.PixelData = frames.tobytes()
-    multi = save(ds, tmp_path / "multi.dcm")
-    with pytest.raises(MultiFrameError):
-        read_dicom(multi)
-    assert read_dicom_header(multi).number_of_frames == 2
-
-    rgb = np.zeros((16, 16, 3), np.uint8)
-    ds = make_ds(rgb[..., 0], photometric="RGB")
-    ds.SamplesPerPixel = 3
-    ds.PlanarConfiguration = 0
-    ds.PixelData = rgb.tobytes()
-    with pytest.raises(ColourImageError):
-        read_dicom(save(ds, tmp_path / "rgb.dcm"))
-    with pytest.raises(ColourImageError):
-        read_dicom(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
-    with pytest.raises(ColourImageError):
-        read_dicom(get_testdata_file("examples_palette.dcm"))
-
-
-def test_unsupported_or_missing_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no pixel decoder
-    path = tmp_path / "mpeg.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    with pytest.raises(PixelDataError) as info:
-        read_dicom(path)
-    assert "MPEG2" in str(info.value)
-
-    class Missing:
-        is_available = False
-        missing_dependencies = ["pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0"]
-
-    monkeypatch.setattr(dicom_mod, "get_decoder", lambda uid: Missing())
-    with pytest.raises(PixelDataError) as info:
-        read_dicom(get_testdata_file("MR_small_jp2klossless.dcm"))
-    message = str(info.value)
-    assert "JPEG 2000" in message and "pylibjpeg-openjpeg" in message
-
-
-def test_no_foreign_exception_escapes_for_damaged_files(tmp_path: Path) -> None:
-    source = Path(get_testdata_file("CT_small.dcm")).read_bytes()
-    rng = np.random.default_rng(7)
-    damaged = [source[:cut] for cut in rng.integers(0, len(source), 25)]
-    for _ in range(40):
-        data = bytearray(source)
-        for pos in rng.integers(132, len(data), 4):
-            data[pos] = int(rng.integers(0, 256))
-        damaged.append(bytes(data))
-    path = tmp_path / "damaged.dcm"
-    for data in damaged:
-        path.write_bytes(data)
-        for reader in (read_dicom, read_dicom_header):
-            try:
-                reader(path)
-            except DicomError:
-                pass
-
-
-# --------------------------------------------------------------------------------------------------
 # reduce_to: JPEG 2000 decoded at reduced resolution
 # --------------------------------------------------------------------------------------------------
 
@@ -631,161 +417,3 @@ def test_pillow_j2k_decoder_at_level_0_equals_pydicom(tmp_path: Path, signed: bo
 def test_reduce_to_validation() -> None:
     with pytest.raises(ValueError):
         read_dicom(get_testdata_file("MR_small.dcm"), reduce_to=0)
-
-
-# --------------------------------------------------------------------------------------------------
-# Header parsing
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "years"),
-    [
-        ("045Y", 45.0), ("006M", 0.5), ("010W", 70 / 365.25), ("003D", 3 / 365.25),
-        ("000Y", 0.0), ("45", 45.0), (" 62Y ", 62.0), (b"071Y", 71.0), ("45 years", 45.0),
-        ("018m", 1.5), ("", None), (None, None), ("abc", None), ("200Y", None), ("-5Y", None),
-        ("Y", None), ("45Q", None),
-    ],
-)  # fmt: skip
-def test_parse_age(value: Any, years: Optional[float]) -> None:
-    got = parse_age(value)
-    assert (got is None) if years is None else got == pytest.approx(years)
-
-
-@pytest.mark.parametrize(
-    ("birth", "study", "years"),
-    [
-        ("19600615", "20200614", 59.99), ("19600615", "20200615", 60.0),
-        ("2020.01.01", "2021-01-01", 1.0), ("20200101", "20190101", None),
-        ("", "20200101", None), ("00000000", "20200101", None), ("19601345", "20200101", None),
-    ],
-)  # fmt: skip
-def test_age_from_birth_date(birth: str, study: str, years: Optional[float]) -> None:
-    got = age_from_dates(birth, study)
-    assert (got is None) if years is None else got == pytest.approx(years, abs=0.01)
-
-
-@pytest.mark.parametrize(
-    ("view", "fallbacks", "expected"),
-    [
-        ("PA", (), "PA"), ("PA ", (), "PA"), ("pa", (), "PA"), ("POSTERO_ANTERIOR", (), "PA"),
-        ("POSTEROANTERIOR", (), "PA"), ("P-A", (), "PA"), ("AP", (), "AP"),
-        ("ANTERO_POSTERIOR", (), "AP"), ("AP SUPINE", (), "AP"), ("A/P", (), "AP"),
-        ("LATERAL", (), "LATERAL"), ("LAT", (), "LATERAL"), ("LL", (), "LL"), ("LLAT", (), "LL"),
-        ("RL", (), "RL"), ("RLAT", (), "RL"), ("LEFT LATERAL", (), "LL"),
-        ("right lateral", (), "RL"), ("", (), "UNKNOWN"), ("   ", (), "UNKNOWN"),
-        (None, (), "UNKNOWN"), ("RLD", (), "UNKNOWN"), ("LLO", ("CHEST PA",), "UNKNOWN"),
-        ("", ("postero-anterior",), "PA"), ("", ("left lateral",), "LL"),
-        ("", (None, "CHEST PA AND LATERAL", "THORAX LAT"), "LATERAL"),
-        ("", ("", "Chest AP portable"), "AP"), ("XYZ", ("", "", "LATERALE"), "LATERAL"),
-        ("", ("CHEST", "Thorax"), "UNKNOWN"), ("", ("PA AP",), "UNKNOWN"),
-    ],
-)  # fmt: skip
-def test_normalise_view(view: Any, fallbacks: tuple, expected: str) -> None:
-    assert normalise_view(view, *fallbacks) == expected
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ([0.139, 0.14], (0.139, 0.14)), ("0.139\\0.139", (0.139, 0.139)),
-        ("0.139", (0.139, 0.139)), (0.2, (0.2, 0.2)), ("0.139,0.14", (0.139, 0.14)),
-        ("0.139, 0.14", (0.139, 0.14)), ("0,139\\0,14", (0.139, 0.14)), ("0,139", (0.139, 0.139)),
-        ("0,139 0,14", (0.139, 0.14)), (b"0.15\\0.15 ", (0.15, 0.15)), ("[0.1, 0.1]", (0.1, 0.1)),
-        ("", None), (None, None), ("abc", None), ("0\\0", None), ("-0.1\\0.1", None),
-        ("nan\\nan", None), ("1e9", None), ("0.1\\x", None),
-    ],
-)  # fmt: skip
-def test_parse_pixel_spacing(value: Any, expected: Optional[tuple]) -> None:
-    got = parse_pixel_spacing(value)
-    assert got == (pytest.approx(expected) if expected else None)
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [("M", "M"), ("f", "F"), (" O ", "O"), ("FEMALE", "F"), ("", None), ("X", None), (None, None)],
-)
-def test_parse_sex(value: Any, expected: Optional[str]) -> None:
-    assert parse_sex(value) == expected
-
-
-def test_parse_da() -> None:
-    assert parse_da("20200131") == dt.date(2020, 1, 31)
-    assert parse_da("2020.01.31") == dt.date(2020, 1, 31)
-    assert parse_da(dt.date(2020, 1, 31)) == dt.date(2020, 1, 31)
-    assert parse_da("20200231") is None and parse_da("") is None and parse_da("2020") is None
-
-
-def test_header_from_generated_file(tmp_path: Path) -> None:
-    pixels = radiograph(bits=12)
-    ds = make_ds(
-        pixels, bits_stored=12, photometric="MONOCHROME1",
-        AccessionNumber="ACC123", PatientID="PID9", PatientName="Doe^Jane", PatientSex="F",
-        PatientBirthDate="19700101", StudyDate="20200101", StudyTime="101530.5",
-        BodyPartExamined="CHEST", ViewPosition="", SeriesDescription="Thorax lat",
-        Manufacturer="ACME",
-    )  # fmt: skip
-    ds.add_new("ImagerPixelSpacing", "DS", "0.148\\0.148")
-    path = save(ds, tmp_path / "h.dcm")
-    path.write_bytes(path.read_bytes().replace(b"CHEST", b"chest"))  # lower case, as seen
-    header = read_dicom_header(path)
-    assert header.sop_instance_uid == ds.SOPInstanceUID
-    assert header.study_instance_uid == ds.StudyInstanceUID
-    assert header.series_instance_uid == ds.SeriesInstanceUID
-    assert header.sop_class_uid == DX_SOP_CLASS
-    assert (header.accession_number, header.patient_id) == ("ACC123", "PID9")
-    assert header.patient_name == "Doe^Jane"
-    assert header.sex == "F" and header.age_years == pytest.approx(50.0, abs=0.01)
-    assert header.study_date == dt.date(2020, 1, 1) and header.study_time == "101530.5"
-    assert (header.modality, header.body_part, header.view) == ("DX", "CHEST", "LATERAL")
-    assert (header.rows, header.columns, header.bits_stored) == (96, 80, 12)
-    assert header.pixel_spacing == pytest.approx((0.148, 0.148))
-    assert header.photometric_interpretation == "MONOCHROME1"
-    assert header.transfer_syntax_uid == ExplicitVRLittleEndian
-    assert header.manufacturer == "ACME"
-    assert header.number_of_frames == 1 and header.has_pixel_data is True
-    assert read_dicom(path).header == header
-
-    as_dict = header.to_dict()
-    assert "patient_name" not in as_dict  # the index must never store names
-    assert as_dict["study_date"] == "2020-01-01" and as_dict["pixel_spacing"] == [0.148, 0.148]
-    json.dumps(as_dict)
-    assert header.to_dict(include_patient_name=True)["patient_name"] == "Doe^Jane"
-
-
-def test_header_of_messy_values(tmp_path: Path) -> None:
-    ds = make_ds(
-        radiograph(16, 16, bits=12), bits_stored=12, PatientAge="", StudyDate="20200101",
-        PatientSex="U", ViewPosition="POSTERO_ANTERIOR", PixelSpacing=[0.125, 0.125],
-    )  # fmt: skip
-    ds.add_new("NumberOfFrames", "IS", "1")
-    path = save(ds, tmp_path / "m.dcm")
-    # Invalid values as some exporters write them (pydicom refuses to write them itself).
-    data = path.read_bytes()
-    data = data.replace(b"0.125\\0.125", b"0,139\\0,139").replace(b"20200101", b"garbage ")
-    path.write_bytes(data)
-    header = read_dicom_header(path)
-    assert header.age_years is None and header.study_date is None and header.sex is None
-    assert header.view == "PA" and header.pixel_spacing == pytest.approx((0.139, 0.139))
-    assert read_dicom(path).pixels.shape == (16, 16)
-    # pydicom's file with NumberOfFrames "1A": header still reads, the image is a PixelDataError.
-    bad = get_testdata_file("badVR.dcm")
-    assert read_dicom_header(bad).number_of_frames is None
-    with pytest.raises(PixelDataError):
-        read_dicom(bad)
-
-
-def test_header_has_pixel_data_for_real_files() -> None:
-    assert read_dicom_header(get_testdata_file("MR_small.dcm")).has_pixel_data is True
-    assert read_dicom_header(get_testdata_file("MR_small_bigendian.dcm")).has_pixel_data is True
-    assert read_dicom_header(get_testdata_file("image_dfl.dcm")).has_pixel_data is True  # deflate
-    assert read_dicom_header(get_testdata_file("reportsi.dcm")).has_pixel_data is False
-    cr = read_dicom_header(CR_DIR / "CR1" / "6154")
-    assert (cr.view, cr.age_years, cr.modality) == ("LL", 47.0, "CR")
-    assert cr.pixel_spacing == pytest.approx((0.1, 0.1))
-
-
-def test_public_types() -> None:
-    image = read_dicom(get_testdata_file("MR_small.dcm"))
-    assert isinstance(image, DicomImage) and isinstance(image.header, DicomHeader)
-    assert image.pixels.ndim == 2 and image.pixels.dtype == np.uint8

@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import importlib
 import json
-import os
 import logging
+import os
 import sys
 import time
 from pathlib import Path

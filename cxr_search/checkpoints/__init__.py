@@ -180,7 +180,8 @@ def _load_native(root: Path, tokenizer: Any) -> CXRClip:
     return model
 
 
-def _native_tokenizer(root: Path, tokenizer: Any, config: ModelConfig, recorded: Mapping[str, Any]) -> Optional[TextTokenizer]:
+def _native_tokenizer(root: Path, tokenizer: Any, config: ModelConfig,
+                      recorded: Mapping[str, Any]) -> Optional[TextTokenizer]:
     """The tokenizer of a model folder: the one given, else the folder's own, checked against config.json.
 
     A folder whose config.json records a tokenizer must still hold it, unchanged: a missing or edited
@@ -189,10 +190,14 @@ def _native_tokenizer(root: Path, tokenizer: Any, config: ModelConfig, recorded:
     Raises:
         CheckpointError: The recorded tokenizer files are missing or differ from what was saved.
     """
-    if isinstance(tokenizer, TextTokenizer) or tokenizer is not None:
+
+    def differs(tok: TextTokenizer) -> bool:
+        return bool(recorded.get("sha256")) and tok.sha256() != recorded["sha256"]
+
+    if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, TextTokenizer) else TextTokenizer.from_dir(
             tokenizer, max_length=config.tokenizer.max_length)
-        if recorded.get("sha256") and tok.sha256() != recorded["sha256"]:
+        if differs(tok):
             logger.warning("%s: the tokenizer given differs from the one saved with the model; embeddings of texts "
                            "will differ from the model's own", root)
         return tok
@@ -200,7 +205,7 @@ def _native_tokenizer(root: Path, tokenizer: Any, config: ModelConfig, recorded:
         # The saved tokenizer's own length: a model built with a tokenizer of another max_length than its
         # config's must truncate as it did when it was saved.
         tok = TextTokenizer.from_dir(root, max_length=int(recorded.get("max_length") or config.tokenizer.max_length))
-        if recorded.get("sha256") and tok.sha256() != recorded["sha256"]:
+        if differs(tok):
             raise CheckpointError(
                 f"{root}: vocab.txt or tokenizer_config.json differ from the ones saved with the model (sha256 "
                 f"{tok.sha256()[:12]}..., recorded {str(recorded['sha256'])[:12]}...); restore them from the "

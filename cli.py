@@ -24,7 +24,7 @@ from cxr_search.errors import CxrSearchError, InputFileError
 from cxr_search.fileio import atomic_write, emit_json, write_text_atomic
 from index.bench.commands import bench_app
 from index.commands import index_app, search_app
-from index.demo_defaults import DEFAULT_EPOCHS, DEFAULT_STUDIES
+from index.demo.defaults import DEFAULT_EPOCHS, DEFAULT_STUDIES
 from train.commands import train_app
 
 app = typer.Typer(
@@ -414,7 +414,7 @@ def demo(
 ) -> None:
     """Synthetic PACS archive -> train tiny-synth -> index -> example queries + HTML gallery -> Recall@K."""
     from cxr_search.config import parse_set_pairs
-    from index.demo import DemoOptions, run_demo
+    from index.demo.run import DemoOptions, run_demo
 
     # Flat dotted keys: the demo merges them over its own training overrides and fingerprints them.
     opts = DemoOptions(studies=studies, seed=seed, epochs=epochs, train_overrides=parse_set_pairs(set_),

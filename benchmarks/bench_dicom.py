@@ -80,7 +80,7 @@ def write_pair(pixels: np.ndarray, directory: Path, index: int) -> tuple[Path, P
 
 
 def _warm(_: int) -> int:
-    import cxr_search.dicom  # noqa: F401  (import cost outside the timed region)
+    import cxr_search.dicom.read  # noqa: F401  (import cost outside the timed region)
     from PIL import Image  # noqa: F401
 
     return os.getpid()
@@ -90,7 +90,7 @@ def load_and_preprocess(job: tuple[str, Optional[int], int]) -> tuple[int, int, 
     """What a DataLoader worker does per item: read_dicom + resize shorter side (bilinear)."""
     from PIL import Image
 
-    from cxr_search.dicom import read_dicom
+    from cxr_search.dicom.read import read_dicom
 
     path, reduce_to, shorter = job
     image = read_dicom(path, reduce_to=reduce_to)
@@ -123,7 +123,7 @@ def measure(
 
 def single_process_latency(path: Path, reduce_to: Optional[int], repeats: int = 3) -> float:
     """Median ms of read_dicom alone in this process (decode + chain, no resize)."""
-    from cxr_search.dicom import read_dicom
+    from cxr_search.dicom.read import read_dicom
 
     read_dicom(path, reduce_to=reduce_to)
     times = []

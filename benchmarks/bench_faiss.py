@@ -5,7 +5,7 @@ Usage:
         [--bytes-per-vector B] [--queries 1000] [--spectrum-decay 0.5] [--noise 0.027] [--offset 1.0]
         [--seed 0] [--no-store-rerank] [--out OUT.json]
 
-Data: ``index.ann_eval.clustered_unit_vectors`` (documented there): ``n / 100`` clusters around a
+Data: ``index.ann.reference.clustered_unit_vectors`` (documented there): ``n / 100`` clusters around a
 shared mean direction, within-cluster noise with a ~1/i variance spectrum, L2-normalised; with the
 defaults the mean nearest-neighbour cosine is ~0.9, like the engine-facts "clustered proxy" (the
 measured value is printed). Queries are held out: new draws from the same clusters (another stream).
@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from index.ann import VectorIndex, build_index, clustered_unit_vectors, exact_search, recall_at_k  # noqa: E402
+from index.ann.build import build_index  # noqa: E402
+from index.ann.reference import clustered_unit_vectors, exact_search, k_recall_at_k  # noqa: E402
+from index.ann.vector_index import VectorIndex  # noqa: E402
 
 
 def measure(index: VectorIndex, queries: np.ndarray, exact_ids: np.ndarray, **kw) -> dict:
@@ -55,7 +57,7 @@ def measure(index: VectorIndex, queries: np.ndarray, exact_ids: np.ndarray, **kw
     qps = len(queries) / (time.perf_counter() - t0)
     return {"p50_ms": round(float(np.percentile(lat_ms, 50)), 3), "p99_ms": round(float(np.percentile(lat_ms, 99)), 3),
             "mean_ms": round(float(lat_ms.mean()), 3), "batch_qps": round(qps, 1),
-            "recall_at_10": round(recall_at_k(got, exact_ids, 10), 4)}
+            "recall_at_10": round(k_recall_at_k(got, exact_ids, 10), 4)}
 
 
 def _vector_store(path: Path, full: np.ndarray, ids: np.ndarray) -> Any:
@@ -143,7 +145,7 @@ def main() -> None:
     plain = measured["index only"]
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "data": {"generator": "index.ann_eval.clustered_unit_vectors", **gen, "n": args.n, "dim": args.dim,
+        "data": {"generator": "index.ann.reference.clustered_unit_vectors", **gen, "n": args.n, "dim": args.dim,
                  "queries": args.queries, "mean_nn_cosine": round(float(exact_scores[:, 0].mean()), 4),
                  "mean_10th_nn_cosine": round(float(exact_scores[:, 9].mean()), 4)},
         "factory": info["factory"], "search_params": index.search_params,

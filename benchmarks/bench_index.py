@@ -40,7 +40,7 @@ from cxr_search.checkpoints import model_fingerprint  # noqa: E402
 from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
 from cxr_search.model import create_model  # noqa: E402
 from cxr_search.synth import synthesize  # noqa: E402
-from index.engine import BuildOptions, build  # noqa: E402
+from index.build import BuildOptions, build  # noqa: E402
 from index.search import Searcher  # noqa: E402
 from index.bench.speed import bench_tokenizer, measure_encoder, synthetic_images, synthetic_texts  # noqa: E402
 
@@ -172,8 +172,8 @@ def images_only_build(archive: Path, index_dir: Path, model, opts: BuildOptions)
     """The image path of ``index build``: catalogue, embed images, write FAISS (report sections left pending)."""
     from dataclasses import replace
 
-    from index.engine import IndexDir
-    from index.pipeline import embed_pending_images
+    from index.index_dir import IndexDir
+    from index.embed import embed_pending_images
 
     t0 = time.perf_counter()
     summary = build(archive, index_dir, model, replace(opts, catalogue_only=True))

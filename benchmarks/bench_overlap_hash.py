@@ -12,7 +12,7 @@ patients (images of one patient may be follow-ups of one chest).
 Two fingerprints are measured:
 
 * ``dhash64``: the 64-bit difference hash (``imagehash.dhash``), as a Hamming distance;
-* ``thumbs``: what ``cxr-search bench overlap`` uses (``index.bench.image_hash``): 1 - the larger of the
+* ``thumbs``: what ``cxr-search bench overlap`` uses (``cxr_search.evaluation.image_hash``): 1 - the larger of the
   Pearson correlations of the plain and of the histogram-equalised 16x16 thumbnails.
 
 A usable threshold must sit above every "same image" value and below the "different images" minimum.
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
-from index.bench.image_hash import hash_pixels, read_grey, stretch_to_full_range, thumb_vectors  # noqa: E402
+from cxr_search.evaluation.image_hash import hash_pixels, read_grey, stretch_to_full_range, thumb_vectors  # noqa: E402
 
 _SUFFIXES = {".dcm", ".png", ".jpg", ".jpeg"}
 

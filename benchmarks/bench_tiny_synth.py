@@ -28,7 +28,7 @@ from cxr_search.config import parse_set_options
 from cxr_search.datasets import prepare, read_manifest, write_manifest
 from cxr_search.fileio import emit_json, write_json_atomic
 from cxr_search.synth import synthesize
-from cxr_search.synth.evaluate import evaluate_heldout, heldout_studies
+from cxr_search.evaluation.synth_heldout import evaluate_heldout, heldout_studies
 from train.config import get_recipe
 from train.metrics_log import read_metrics
 from train.state import list_step_checkpoints

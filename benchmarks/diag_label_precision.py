@@ -43,9 +43,9 @@ from cxr_search.checkpoints import load_model
 from cxr_search.datasets import read_manifest
 from cxr_search.datasets.manifest import labels_object
 from cxr_search.fileio import emit_json, write_json_atomic
-from cxr_search.metrics import label_precision_at_k
-from cxr_search.prompts import label_set_key
-from cxr_search.synth.evaluate import HeldoutStudy, evaluate_heldout, heldout_studies
+from cxr_search.evaluation.retrieval_metrics import label_precision_at_k
+from cxr_search.labels import label_set_key
+from cxr_search.evaluation.synth_heldout import HeldoutStudy, evaluate_heldout, heldout_studies
 from cxr_search.synth.findings import EXTRAS, FINDINGS
 
 logger = logging.getLogger("diag_label_precision")

@@ -3,7 +3,7 @@
 The reference trained on images pre-resized to a shorter side of 512 and stored as 8-bit (spec
 section 3). Decoding a 3000x2500 JPEG or a JPEG 2000 DICOM for every sample of every epoch costs far
 more than the model step, so training reads this cache instead. Images go through
-:func:`cxr_search.transforms.load_image` (for DICOM: the full photometric chain and the antialiased
+:func:`cxr_search.images.load_image` (for DICOM: the full photometric chain and the antialiased
 resize), then a PIL bilinear (antialiased) resize of the shorter side for everything else.
 
 Layout: ``OUT/<dataset>/<2 hex>/<image id>-<16 hex>.png``, named from ``(dataset, image_id)`` (stable
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cxr_search.config import PreprocessConfig
 from cxr_search.errors import ConfigError, DatasetError, InputFileError
-from cxr_search.transforms import load_image, resize_shorter_side
+from cxr_search.images import load_image, resize_shorter_side
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from cxr_search.config import ModelConfig, get_model_config
 from cxr_search.errors import ConfigError, TokenizerError
 from cxr_search.tokenizer import TextTokenizer
 from cxr_search.towers import ImageTower, TextTower
-from cxr_search.transforms import ImageItem, preprocess_item
+from cxr_search.images import ImageItem, preprocess_item
 
 logger = logging.getLogger(__name__)
 

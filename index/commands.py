@@ -45,7 +45,7 @@ def _build(command: str, archive: Path, model: str, tokenizer: Optional[Path], r
            batch_size: int, workers: int, device: str, precision: str, factory: Optional[str],
            bytes_per_vector: Optional[float], all_body_parts: bool, db: Optional[str], json_out: bool,
            shard: Optional[str] = None, catalogue_only: bool = False) -> None:
-    from index.engine import BuildOptions, build
+    from index.build import BuildOptions, build
 
     parsed = parse_shard(shard) if shard else None
     if parsed and catalogue_only:
@@ -118,7 +118,7 @@ def index_remove(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Remove studies or patients from the store and every FAISS index."""
-    from index.engine import IndexDir
+    from index.index_dir import IndexDir
 
     if not study and not patient:
         raise ConfigError("give --study UID or --patient ID (repeatable)")
@@ -164,7 +164,7 @@ def index_stats(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Totals, FAISS index types and the last builds."""
-    from index.engine import stats
+    from index.index_dir import stats
 
     info = stats(index, db_url=db)
     if json_out:

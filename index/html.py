@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Union
 
 from cxr_search.config import PreprocessConfig
 from cxr_search.fileio import write_text_atomic
-from cxr_search.transforms import load_image
+from cxr_search.images import load_image
 
 logger = logging.getLogger(__name__)
 THUMB = 256

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cxr_search.datasets.common import SkipLog
-from cxr_search.datasets.headers import iter_headers
+from cxr_search.datasets.header_scan import iter_headers
 from cxr_search.datasets.manifest import ManifestRow, iter_manifest
 from cxr_search.datasets.pacs import candidate_files, is_structured_report, radiograph_skip_reason
 from cxr_search.datasets.pacs_reports import Report, best_sr_report, read_csv_reports

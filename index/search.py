@@ -20,7 +20,7 @@ from sqlalchemy import and_, exists, select
 
 from cxr_search.errors import ConfigError, InputFileError
 from cxr_search.model import CXRClip, resolve_device
-from index.engine import IndexDir, model_identity
+from index.index_dir import IndexDir, model_identity
 from index.store import EMBEDDED, Image, Patient, Section, Study, chunks
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class Searcher:
         path = Path(image)
         study_uid = patient_src = None
         try:
-            from cxr_search.dicom import read_dicom_header
+            from cxr_search.dicom.read import read_dicom_header
 
             header = read_dicom_header(path)
             study_uid = header.study_instance_uid

@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from cxr_search.errors import SearchIndexError
-from index.engine import KINDS, IndexDir, model_identity
+from index.index_dir import KINDS, IndexDir, model_identity
 from index.store import EMBEDDED, VECTOR_TABLES, Build, Image
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def _check_files(idx: IndexDir, deep: bool, problems: List[Dict[str, Any]], prog
 
 
 def _same_sop(path: str, sop: str) -> bool:
-    from cxr_search.dicom import read_dicom_header
+    from cxr_search.dicom.read import read_dicom_header
 
     try:
         return read_dicom_header(path).sop_instance_uid == sop

@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_distributed.py (importable, so spawned processes can unpickle them).
+"""Worker functions for tests/train/test_distributed.py (importable, so spawned processes can unpickle them).
 
 One spawned job of two CPU/gloo processes checks every helper of ``train.distributed`` and the
 distributed CXR-CLIP loss; each rank writes its results to ``rank{r}.pt`` for the parent to compare

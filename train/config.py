@@ -170,7 +170,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation (see :func:`cxr_search.augment.train_transform`)."""
+    """Training augmentation (see :func:`train.augment.train_transform`)."""
 
     scale: Tuple[float, float] = (0.8, 1.1)
     clahe_p: float = 0.5

@@ -210,7 +210,7 @@ def all_gather_with_grad(t: Tensor, *, check_shapes: bool = False) -> Tensor:
     The backward pass sums, over ranks, the gradients with respect to each rank's slice and returns
     that sum to its owner. With each rank's loss computed on its own rows and DDP averaging
     parameter gradients, this gives exactly the single-process gradient of the global loss
-    (verified in ``tests/test_distributed.py``). Every rank must call it in the same order, and the
+    (verified in ``tests/train/test_distributed.py``). Every rank must call it in the same order, and the
     backward passes run the matching collectives in the same order (autograd's order is
     deterministic for identical graphs).
 

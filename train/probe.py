@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr_search.classification_metrics import auroc
+from cxr_search.evaluation.classification_metrics import auroc
 from cxr_search.datasets.manifest import ManifestRow, read_manifest
 from cxr_search.errors import ConfigError, DatasetError
 from cxr_search.model import CXRClip, _image_batches, _progress, autocast_context, resolve_device, resolve_precision

@@ -1,7 +1,7 @@
 """Linear-probe targets: label matrix with a known-label mask, seeded label subsets, masked BCE.
 
 Pure functions of manifest rows and tensors, used by :mod:`train.probe`; AUROC comes from
-:mod:`cxr_search.classification_metrics`.
+:mod:`cxr_search.evaluation.classification_metrics`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from cxr_search.errors import ConfigError, DatasetError
-from cxr_search.training_data import epoch_generator
+from train.dataset import epoch_generator
 
 __all__ = ["SeededSamples", "StepSampler", "grouped_permutation", "sample_seed"]
 

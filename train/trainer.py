@@ -28,13 +28,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cxr_search.augment import train_transform
+from train.augment import train_transform
 from cxr_search.checkpoints import load_model, save_model
 from cxr_search.errors import ConfigError, TrainingError
 from cxr_search.model import CXRClip, autocast_context
-from cxr_search.training_data import StudyDataset, epoch_generator, make_collate
+from train.dataset import StudyDataset, epoch_generator, make_collate
 from train.config import TrainConfig
-from train.data import load_paraphrases, load_training_rows, report_texts, worker_init
+from train.inputs import load_paraphrases, load_training_rows, report_texts, worker_init
 from train.distributed import (
     DistInfo,
     all_gather_tensor,
@@ -45,8 +45,8 @@ from train.distributed import (
     init_distributed,
     seed_everything,
 )
-from train.evaluate import _pad_cat, validate
-from train.init import initial_model
+from train.validate import _pad_cat, validate
+from train.warm_start import initial_model
 from train.losses import cxr_clip_loss
 from train.metrics_log import MetricsLog
 from train.optim import build_optimizer, build_scheduler

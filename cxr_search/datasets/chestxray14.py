@@ -2,7 +2,7 @@
 
 One image per row and no study concept, so each image is its own study (study_id = image_id =
 the file stem, e.g. ``00000001_000``). Labels: the listed findings are positive and everything else
-is "not mentioned" (:func:`cxr_search.prompts.chestxray14_finding_labels_to_labels`); "No Finding"
+is "not mentioned" (:func:`cxr_search.labels.chestxray14_finding_labels_to_labels`); "No Finding"
 rows get ``{"No Finding": 1.0}``.
 
 Splits: ``test_list.txt`` is the official test split. The validation split is carved from
@@ -32,8 +32,8 @@ from cxr_search.datasets.common import (
 )
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.datasets.splits import holdout_split
-from cxr_search.dicom_values import parse_age, parse_sex
-from cxr_search.prompts import chestxray14_finding_labels_to_labels
+from cxr_search.dicom.values import parse_age, parse_sex
+from cxr_search.labels import chestxray14_finding_labels_to_labels
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from cxr_search.datasets.common import (
     view_from_text,
 )
 from cxr_search.datasets.manifest import ManifestRow, clean_labels
-from cxr_search.dicom_values import parse_sex
+from cxr_search.dicom.values import parse_sex
 from cxr_search.errors import DatasetError
-from cxr_search.prompts import CHEXPERT_LABELS, chexpert_row_to_labels
+from cxr_search.labels import CHEXPERT_LABELS, chexpert_row_to_labels
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from cxr_search.datasets.manifest import (
     order_rows,
     patient_split_conflicts,
 )
-from cxr_search.dicom_values import normalise_view, parse_da
+from cxr_search.dicom.values import normalise_view, parse_da
 from cxr_search.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -387,7 +387,7 @@ def _format_date_text(value: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def view_from_text(*texts: Optional[str]) -> str:
-    """:func:`cxr_search.dicom_values.normalise_view` of CSV view values, cached (few distinct values)."""
+    """:func:`cxr_search.dicom.values.normalise_view` of CSV view values, cached (few distinct values)."""
     return normalise_view(*texts) if texts else "UNKNOWN"
 
 

@@ -3,7 +3,7 @@
 :class:`ManifestRow` is the typed record; its attributes hold typed values (``age`` a float,
 ``labels`` a dict) while mapping-style access (``row["labels"]``, ``row.get("age")``) returns the CSV
 cell as a string, so a row can be handed to anything that reads ``csv.DictReader`` dicts (for
-example :class:`cxr_search.training_data.StudyDataset`).
+example :class:`train.dataset.StudyDataset`).
 
 Writing is atomic (temporary file in the target folder, then ``os.replace``): an interrupted
 ``data prepare`` never leaves a half-written manifest that a later run would trust.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
-from cxr_search.dicom_values import VIEWS
+from cxr_search.dicom.values import VIEWS
 from cxr_search.errors import DatasetError
 from cxr_search.fileio import atomic_write
 

@@ -37,7 +37,7 @@ from cxr_search.datasets.common import (
 )
 from cxr_search.datasets.manifest import SPLITS, ManifestRow, clean_labels
 from cxr_search.errors import DatasetError, ReportError
-from cxr_search.prompts import CHEXPERT_LABELS, chexpert_row_to_labels
+from cxr_search.labels import CHEXPERT_LABELS, chexpert_row_to_labels
 from cxr_search.reports import ReportSections, choose_report_text, read_report_text_file, split_sections
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Hospital PACS export: a folder tree of DICOM files plus reports (RIS CSV, text files or SR).
 
 The tree is walked once, streaming (one folder listed at a time), and every regular file is tried
-with a header-only read (:func:`cxr_search.dicom.read_dicom_header`), whatever its name: PACS
+with a header-only read (:func:`cxr_search.dicom.read.read_dicom_header`), whatever its name: PACS
 exports often have no extensions. ``DICOMDIR`` index files and zip archives are skipped by name. A
 file that cannot be used is counted under a reason in the summary and never stops the scan.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Union
 
 from cxr_search.datasets.common import PrepareResult, SkipLog, finish, require_dir, walk_files
-from cxr_search.datasets.headers import header_fields, iter_headers
+from cxr_search.datasets.header_scan import header_fields, iter_headers
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.datasets.pacs_reports import (
     Report,
@@ -109,7 +109,7 @@ def radiograph_skip_reason(header: Any, *, body_part_filter: bool = True) -> Opt
     """Why a (non-SR) DICOM header is not a usable chest radiograph, or None when it is one.
 
     Args:
-        header: A :class:`cxr_search.dicom_header.DicomHeader`.
+        header: A :class:`cxr_search.dicom.header.DicomHeader`.
         body_part_filter: Refuse BodyPartExamined values that do not name the chest.
     """
     if not header.has_pixel_data:

@@ -26,7 +26,7 @@ from cxr_search.datasets.common import (
     finish,
     require_dir,
 )
-from cxr_search.datasets.headers import header_fields, readable_image_headers
+from cxr_search.datasets.header_scan import header_fields, readable_image_headers
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.datasets.splits import gloria_split
 

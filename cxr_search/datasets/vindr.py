@@ -35,10 +35,10 @@ from cxr_search.datasets.common import (
     parse_float,
     require_dir,
 )
-from cxr_search.datasets.headers import header_fields, readable_image_headers
+from cxr_search.datasets.header_scan import header_fields, readable_image_headers
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.errors import DatasetError
-from cxr_search.prompts import VINDR_CLASSES
+from cxr_search.labels import VINDR_CLASSES
 
 logger = logging.getLogger(__name__)
 

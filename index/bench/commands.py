@@ -50,8 +50,8 @@ def retrieval(
     """Recall@K of image->text (and text->image) retrieval on a manifest split, through the index engine."""
     from cxr_search.datasets import read_manifest
     from cxr_search.fileio import write_json_atomic
-    from index.bench.retrieval import (evaluate, evaluated_ids, read_ids, restrict_rows, select_studies,
-                                       write_ids)
+    from cxr_search.evaluation.retrieval_protocol import evaluated_ids, read_ids, restrict_rows, select_studies, write_ids
+    from index.bench.retrieval import evaluate
 
     rows = read_manifest(manifest, split=None if split == "all" else split)
     if not rows:
@@ -71,7 +71,7 @@ def retrieval(
         write_json_atomic(out / f"retrieval-{protocol}.json", result)
         write_ids(out / "evaluated_ids.csv", evaluated_ids(studies, protocol))
     if plot is not None:
-        from index.bench.plot import plot_recall_curves
+        from cxr_search.evaluation.plot import plot_recall_curves
 
         plot_recall_curves(ranks, plot, title=f"{manifest.name} ({split}), {protocol} protocol")
     if json_out:
@@ -122,7 +122,7 @@ def bench_zeroshot(
 ) -> None:
     """Zero-shot classification with the reference prompts (spec section 5), plus separate prompt variants."""
     from cxr_search.datasets.manifest import read_manifest
-    from index.bench.zeroshot import check_task, render_tables, run_zeroshot, select_rows, write_outputs
+    from cxr_search.evaluation.zeroshot import check_task, render_tables, run_zeroshot, select_rows, write_outputs
 
     check_task(task)  # before loading anything, so a typo fails fast
     rows = select_rows(read_manifest(manifest), task, split)
@@ -160,8 +160,8 @@ def bench_overlap(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Patients and images of an evaluation set that also occur in a training set (ids and pixels)."""
-    from index.bench.image_hash import default_cache_file
-    from index.bench.overlap import overlap_manifests, render_overlap
+    from cxr_search.evaluation.image_hash import default_cache_file
+    from cxr_search.evaluation.overlap import overlap_manifests, render_overlap
 
     result = overlap_manifests(train_manifest, test_manifest, train_split=train_split, test_split=test_split, by=by,
                                min_correlation=min_correlation, workers=workers, examples=examples,

@@ -6,10 +6,10 @@
 * **Text queries**: p50/p99 latency of one query, ``model.embed_texts([q])``, with the int8 text encoder
   (the CPU default of interactive search) and in fp32, and the smallest cosine between the two.
 * **Search**: on ``n`` seeded clustered unit vectors of the model's embedding size
-  (:func:`index.ann_eval.clustered_unit_vectors`, nearest-neighbour cosine ~0.9 like image
+  (:func:`index.ann.reference.clustered_unit_vectors`, nearest-neighbour cosine ~0.9 like image
   embeddings) and held-out queries from the same clusters: build time, p50/p99 latency of single-query
-  searches, and 10-recall@10 against a brute-force numpy search (:func:`index.ann_eval.exact_search`)
-  of an exact ``Flat`` index, of the engine's automatic choice for ``n`` (:func:`index.ann_factory.build_index`
+  searches, and 10-recall@10 against a brute-force numpy search (:func:`index.ann.reference.exact_search`)
+  of an exact ``Flat`` index, of the engine's automatic choice for ``n`` (:func:`index.ann.factory.build_index`
   with ``factory=None``: ``Flat`` up to 100,000 vectors) and, when that is ``Flat``, of the ANN index the
   engine would choose beyond the exact threshold, sized for ``n`` (IVF lists for ``n``, tuned the same way).
 
@@ -218,7 +218,7 @@ def search_benchmark(n: int, dim: int, *, n_queries: int = 200, k: int = 10, see
         k: Hits per query.
         seed: Seed of the vectors.
         extra_ann: When the automatic choice for ``n`` is exact, also measure the ANN index the engine
-            would choose beyond :data:`index.ann_factory.EXACT_THRESHOLD` (with IVF lists sized for ``n``).
+            would choose beyond :data:`index.ann.factory.EXACT_THRESHOLD` (with IVF lists sized for ``n``).
 
     Returns:
         ``{"n", "dim", "queries", "k", "data", "rows": [{name, factory, build_s, p50_ms, p99_ms, mean_ms,
@@ -227,9 +227,10 @@ def search_benchmark(n: int, dim: int, *, n_queries: int = 200, k: int = 10, see
     Raises:
         ConfigError: ``n`` < ``k`` or ``n_queries`` < 1.
     """
-    from index.ann import VectorIndex
-    from index.ann_eval import clustered_unit_vectors, exact_search, recall_at_k
-    from index.ann_factory import EXACT_THRESHOLD, build_index, choose_factory, choose_nlist, with_nlist
+    from index.ann.vector_index import VectorIndex
+    from index.ann.reference import clustered_unit_vectors, exact_search, k_recall_at_k
+    from index.ann.build import build_index
+    from index.ann.factory import EXACT_THRESHOLD, choose_factory, choose_nlist, with_nlist
 
     if k < 1 or n < k or n_queries < 1:
         raise ConfigError(f"the search benchmark needs --index-size >= {k} and >= 1 query, got {n} and {n_queries}")
@@ -250,7 +251,7 @@ def search_benchmark(n: int, dim: int, *, n_queries: int = 200, k: int = 10, see
         build_s = time.perf_counter() - t
         lat, got = _query_latency(index, q, k)
         row = {"name": name, "factory": index.factory, "build_s": round(build_s, 3), **lat,
-               f"recall_at_{k}": round(recall_at_k(got, truth, k), 4),
+               f"recall_at_{k}": round(k_recall_at_k(got, truth, k), 4),
                "bytes_per_vector": round(index.serialized_size() / n, 2), "search_params": index.search_params}
         logger.info("%s", row)
         rows.append(row)
@@ -264,7 +265,7 @@ def search_benchmark(n: int, dim: int, *, n_queries: int = 200, k: int = 10, see
     def built(factory: Optional[str]) -> Any:
         # build_index warns when an ANN index misses its recall target and suggests index-build options; here
         # the recall is the measurement itself, so keep the log quiet while building.
-        quiet = logging.getLogger("index.ann_factory")
+        quiet = logging.getLogger("index.ann.factory")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
@@ -280,13 +281,13 @@ def search_benchmark(n: int, dim: int, *, n_queries: int = 200, k: int = 10, see
     if ann.kind == "ivf":
         # The engine's query path re-scores the top DEFAULT_RERANK_K candidates with the full vectors (the
         # Searcher reads them from its store; here they come from memory, so this is a lower bound).
-        from index.ann import DEFAULT_RERANK_K
+        from index.ann.parts import DEFAULT_RERANK_K
 
         order = np.argsort(ids)
         fetch = lambda want: x[order[np.searchsorted(ids, want, sorter=order)]]  # noqa: E731
         lat, got = _query_latency(_Reranked(ann, fetch, DEFAULT_RERANK_K), q, k)
         rows.append({**rows[-1], "name": rows[-1]["name"] + " + re-rank", **lat,
-                     f"recall_at_{k}": round(recall_at_k(got, truth, k), 4),
+                     f"recall_at_{k}": round(k_recall_at_k(got, truth, k), 4),
                      "note": f"top {DEFAULT_RERANK_K} re-scored with full vectors held in memory"})
     return {"n": n, "dim": dim, "queries": n_queries, "k": k, "rows": rows,
             "data": f"clustered_unit_vectors(seed={seed}, n_clusters={n_clusters}); held-out queries' mean "

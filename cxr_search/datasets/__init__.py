@@ -7,9 +7,20 @@ Usage::
     write_manifest(result.rows, "mimic.csv")
     print(json.dumps(result.summary, indent=2))
 
-The manifest format is described in ``notes/manifest.md`` and :mod:`cxr_search.datasets.manifest`;
-the on-disk formats in ``spec/datasets.md`` and in each adapter's module docstring. Adapters never
-modify the source folder.
+Each adapter module documents the on-disk layout it reads; the manifest format is described in
+``docs/manifest.md``. Adapters never modify the source folder. Besides :func:`prepare` and
+:data:`DATASETS`, the package re-exports the main names of ``manifest``, ``adapter_kit`` and ``splits``.
+
+Modules:
+
+* ``manifest``: the manifest CSV: :class:`ManifestRow`, reading, validation and atomic writing.
+* ``adapter_kit``: what the adapters share: results and skip accounting, CSV tables, file discovery.
+* ``splits``: seeded, patient-disjoint splits (GLoRIA's 70/15/15, seeded hold-outs).
+* ``header_scan``: DICOM header reads for the adapters (failures become skip reasons; process pool).
+* ``mimic``, ``chexpert``, ``chestxray14``, ``openi``, ``vindr``, ``rsna``, ``siim``, ``chexpert5x200``:
+  one adapter per public dataset.
+* ``pacs``, ``pacs_reports``: a hospital PACS export (DICOM tree) and its report sources (RIS CSV,
+  text files, DICOM SR).
 """
 
 from __future__ import annotations
@@ -19,10 +30,10 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Union
 
+from cxr_search.datasets.adapter_kit import PrepareResult, SkipLog
 from cxr_search.datasets.chestxray14 import prepare_chestxray14
 from cxr_search.datasets.chexpert import prepare_chexpert
 from cxr_search.datasets.chexpert5x200 import prepare_chexpert5x200
-from cxr_search.datasets.common import PrepareResult, SkipLog
 from cxr_search.datasets.manifest import (
     MANIFEST_COLUMNS,
     REQUIRED_COLUMNS,

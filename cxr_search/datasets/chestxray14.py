@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Union
 
-from cxr_search.datasets.common import (
+from cxr_search.datasets.adapter_kit import (
     CsvTable,
     PrepareResult,
     SkipLog,

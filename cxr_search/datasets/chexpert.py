@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import List, Optional, Set, Tuple, Union
 
-from cxr_search.datasets.common import (
+from cxr_search.datasets.adapter_kit import (
     CsvTable,
     PrepareResult,
     SkipLog,

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
+from cxr_search.datasets.adapter_kit import CsvTable, PrepareResult, SkipLog, finish, parse_float, require_dir
 from cxr_search.datasets.chexpert import chexpert_base, chexpert_view, reroot_path, study_and_image_id
-from cxr_search.datasets.common import CsvTable, PrepareResult, SkipLog, finish, parse_float, require_dir
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.dicom.values import parse_sex
 from cxr_search.errors import DatasetError

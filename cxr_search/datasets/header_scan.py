@@ -20,7 +20,7 @@ def header_or_reason(path: PathLike) -> Tuple[Optional[Any], Optional[str], str]
     Returns:
         (header or None, short reason or None, detail message).
     """
-    from cxr_search.dicom.read import read_dicom_header
+    from cxr_search.dicom.header import read_dicom_header
     from cxr_search.errors import DicomError, NotDicomError
 
     try:
@@ -99,7 +99,7 @@ def _chunks(paths: Iterable[PathLike], size: int) -> Iterator[List[str]]:
 
 
 def header_fields(header: Any) -> Dict[str, Any]:
-    """Manifest fields taken from a :class:`cxr_search.dicom.read.DicomHeader` (sex, age, date, view, UIDs)."""
+    """Manifest fields taken from a :class:`cxr_search.dicom.header.DicomHeader` (sex, age, date, view, UIDs)."""
     return {
         "view": header.view or "UNKNOWN",
         "sex": header.sex or "",
@@ -116,7 +116,7 @@ def readable_image_headers(paths: Iterable[PathLike], skips: Any, *, workers: in
 
     Args:
         paths: Candidate files.
-        skips: A :class:`cxr_search.datasets.common.SkipLog` that receives unreadable files
+        skips: A :class:`cxr_search.datasets.adapter_kit.SkipLog` that receives unreadable files
             (with their reason) and objects without pixel data.
         workers: Processes for the header reads.
     """

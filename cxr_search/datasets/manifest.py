@@ -1,4 +1,4 @@
-"""The manifest: one CSV for every dataset, one row per image (``notes/manifest.md``).
+"""The manifest: one CSV for every dataset, one row per image (format: ``docs/manifest.md``).
 
 :class:`ManifestRow` is the typed record; its attributes hold typed values (``age`` a float,
 ``labels`` a dict) while mapping-style access (``row["labels"]``, ``row.get("age")``) returns the CSV
@@ -304,7 +304,7 @@ def write_manifest(rows: Iterable[Union[ManifestRow, Mapping[str, Any]]], path: 
                     as_dict = _as_cells(row)
                     cells = [as_dict[c] for c in MANIFEST_COLUMNS]
                 if not all(cells[:_N_REQUIRED]):
-                    missing = [c for c, v in zip(REQUIRED_COLUMNS, cells) if not v]
+                    missing = [c for c, v in zip(REQUIRED_COLUMNS, cells, strict=False) if not v]
                     raise DatasetError(
                         f"{dest}: row {count + 1} (image_id {cells[4]!r}) has no {', '.join(missing)}; "
                         "every manifest row needs the required columns"
@@ -407,7 +407,7 @@ def iter_manifest(path: PathLike, *, split: Optional[str] = None) -> Iterator[Ma
                 if not cells:
                     continue
                 width = len(cells)
-                values = {c: (cells[i] if 0 <= i < width else "") for c, i in zip(MANIFEST_COLUMNS, index)}
+                values = {c: (cells[i] if 0 <= i < width else "") for c, i in zip(MANIFEST_COLUMNS, index, strict=False)}
                 where = f"{src}: line {reader.line_num}"
                 row = _row_from_cells(values, where, cache)
                 key = (row.dataset, row.image_id)

@@ -1,6 +1,6 @@
 """MIMIC-CXR-JPG 2.x (images, split, metadata, CheXpert labels) + MIMIC-CXR free-text reports.
 
-Layout read (``datasets.md``)::
+Layout read (the official releases)::
 
     ROOT/mimic-cxr-2.0.0-split.csv.gz       dicom_id, study_id, subject_id, split
     ROOT/mimic-cxr-2.0.0-metadata.csv.gz    dicom_id, subject_id, study_id, ViewPosition, StudyDate, ...
@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-from cxr_search.datasets.common import (
+from cxr_search.datasets.adapter_kit import (
     CsvTable,
     PrepareResult,
     SkipLog,

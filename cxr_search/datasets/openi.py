@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
-from cxr_search.datasets.common import (
+from cxr_search.datasets.adapter_kit import (
     PrepareResult,
     SkipLog,
     finish,
@@ -115,7 +115,7 @@ def prepare_openi(
         findings = report.findings or ""
         impression = report.impression or ""
         text = choose_report_text(findings, impression, "longest") or ""
-        for path, image_id in zip(paths, ids):
+        for path, image_id in zip(paths, ids, strict=False):
             rows.append(
                 ManifestRow(
                     dataset=NAME,

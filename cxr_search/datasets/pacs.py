@@ -1,7 +1,7 @@
 """Hospital PACS export: a folder tree of DICOM files plus reports (RIS CSV, text files or SR).
 
 The tree is walked once, streaming (one folder listed at a time), and every regular file is tried
-with a header-only read (:func:`cxr_search.dicom.read.read_dicom_header`), whatever its name: PACS
+with a header-only read (:func:`cxr_search.dicom.header.read_dicom_header`), whatever its name: PACS
 exports often have no extensions. ``DICOMDIR`` index files and zip archives are skipped by name. A
 file that cannot be used is counted under a reason in the summary and never stops the scan.
 
@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Union
 
-from cxr_search.datasets.common import PrepareResult, SkipLog, finish, require_dir, walk_files
+from cxr_search.datasets.adapter_kit import PrepareResult, SkipLog, finish, require_dir, walk_files
 from cxr_search.datasets.header_scan import header_fields, iter_headers
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.datasets.pacs_reports import (

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from cxr_search.datasets.common import CsvTable, SkipLog, walk_files
+from cxr_search.datasets.adapter_kit import CsvTable, SkipLog, walk_files
 from cxr_search.errors import DatasetError, ReportError
 from cxr_search.reports import (
     ReportSections,

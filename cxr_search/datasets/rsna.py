@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Union
 
-from cxr_search.datasets.common import (
+from cxr_search.datasets.adapter_kit import (
     CsvTable,
     PrepareResult,
     SkipLog,

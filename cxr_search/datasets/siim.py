@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
-from cxr_search.datasets.common import (
+from cxr_search.datasets.adapter_kit import (
     CsvTable,
     PrepareResult,
     SkipLog,
@@ -105,7 +105,7 @@ def prepare_siim(
     patients = [patient_of.get(str(p), image_id) for image_id, p in entries]
     split_of = gloria_split(unique_in_order(patients), seed=seed)
     rows = []
-    for (image_id, path), patient in zip(entries, patients):
+    for (image_id, path), patient in zip(entries, patients, strict=False):
         rows.append(
             ManifestRow(
                 dataset=NAME,

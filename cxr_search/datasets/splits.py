@@ -19,7 +19,6 @@ from typing import Dict, Iterable, List, Sequence, Set, Tuple
 import numpy as np
 
 
-
 def _shuffle_split(n: int, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """scikit-learn's ``train_test_split(range(n), test_size=test_fraction, random_state=seed)`` indices."""
     n_test = math.ceil(test_fraction * n)

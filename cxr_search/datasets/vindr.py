@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from cxr_search.datasets.common import (
+from cxr_search.datasets.adapter_kit import (
     CsvTable,
     PrepareResult,
     SkipLog,

@@ -337,7 +337,7 @@ class CsvTable:
                     continue
                 if len(cells) < width:
                     cells = cells + [""] * (width - len(cells))
-                yield dict(zip(self.columns, map(str.strip, cells)))
+                yield dict(zip(self.columns, map(str.strip, cells), strict=False))
         except (csv.Error, UnicodeDecodeError, OSError, EOFError) as exc:
             raise DatasetError(f"{self.path}: line {line}: cannot parse the CSV ({exc}); is it complete?") from exc
 

@@ -80,8 +80,9 @@ def write_pair(pixels: np.ndarray, directory: Path, index: int) -> tuple[Path, P
 
 
 def _warm(_: int) -> int:
-    import cxr_search.dicom.read  # noqa: F401  (import cost outside the timed region)
     from PIL import Image  # noqa: F401
+
+    import cxr_search.dicom.read  # noqa: F401  (import cost outside the timed region)
 
     return os.getpid()
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
-from cxr_search.model import cpu_has_fast_bf16  # noqa: E402
+from cxr_search.inference import cpu_has_fast_bf16  # noqa: E402
 from index.bench.speed import encoder_benchmark  # noqa: E402
 
 

@@ -7,7 +7,7 @@ Usage:
 
 Data: ``index.ann.reference.clustered_unit_vectors`` (documented there): ``n / 100`` clusters around a
 shared mean direction, within-cluster noise with a ~1/i variance spectrum, L2-normalised; with the
-defaults the mean nearest-neighbour cosine is ~0.9, like the engine-facts "clustered proxy" (the
+defaults the mean nearest-neighbour cosine is ~0.9, like the "clustered proxy" of ``docs/engine-facts.md`` (the
 measured value is printed). Queries are held out: new draws from the same clusters (another stream).
 
 Index: ``build_index`` with ``--factory`` or, by default, the engine's own choice for the budget
@@ -72,7 +72,7 @@ def _vector_store(path: Path, full: np.ndarray, ids: np.ndarray) -> Any:
     step = 50_000
     for s in range(0, len(ids), step):
         con.executemany("INSERT INTO image_vectors (image_id, vector) VALUES (?, ?)",
-                        ((int(i), vector_bytes(v)) for i, v in zip(ids[s:s + step], full[s:s + step])))
+                        ((int(i), vector_bytes(v)) for i, v in zip(ids[s:s + step], full[s:s + step], strict=False)))
         con.commit()
     con.close()
     print(f"store: {len(ids)} vectors written to {path.name} in {time.perf_counter() - t0:.1f}s "

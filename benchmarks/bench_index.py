@@ -38,11 +38,18 @@ import torch  # noqa: E402
 
 from cxr_search.checkpoints import model_fingerprint  # noqa: E402
 from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
+from cxr_search.inference import Embedder  # noqa: E402
 from cxr_search.model import create_model  # noqa: E402
 from cxr_search.synth import synthesize  # noqa: E402
+from index.bench.speed import (  # noqa: E402
+    bench_tokenizer,
+    encoder_embedder,
+    measure_encoder,
+    synthetic_images,
+    synthetic_texts,
+)
 from index.build import BuildOptions, build  # noqa: E402
 from index.search import Searcher  # noqa: E402
-from index.bench.speed import bench_tokenizer, measure_encoder, synthetic_images, synthetic_texts  # noqa: E402
 
 
 def main() -> None:
@@ -72,10 +79,10 @@ def main() -> None:
     model = create_model(args.preset, tokenizer=bench_tokenizer(args.preset))
     model.provenance = {"source": f"preset:{args.preset} (random weights)", "fingerprint": model_fingerprint(model)}
     images = synthetic_images(3 * args.batch_size, size=512)
+    embedder = encoder_embedder(model, precision=args.precision, batch_size=args.batch_size)
 
     def model_only_rate() -> float:
-        row, _, _ = measure_encoder(model, args.preset, images, synthetic_texts(8), precision=args.precision,
-                                    batch_size=args.batch_size)
+        row, _, _ = measure_encoder(embedder, args.preset, images, synthetic_texts(8))
         return row.images_per_s
 
     # Model-only throughput drifts by +-10 % over minutes on a shared VM, so it is measured right before
@@ -131,7 +138,7 @@ def main() -> None:
     queries = [short[i % len(short)] if i % 2 else texts[i] for i in range(args.queries)]
     query_result, hits_of = {}, {}
     for text_precision in ("int8", "fp32"):
-        searcher = Searcher(index_dir, model, device="cpu", text_precision=text_precision)
+        searcher = Searcher(index_dir, embedder, text_precision=text_precision)
         for q in queries[:5]:
             searcher.search_text(q, k=10)  # warm-up
         lat, got = [], []
@@ -148,7 +155,7 @@ def main() -> None:
                                         "p99_ms": round(float(np.percentile(lat_arr, 99)), 2)}
         print(f"warm text query ({text_precision}): p50 {query_result[text_precision]['p50_ms']} ms, "
               f"p99 {query_result[text_precision]['p99_ms']} ms", flush=True)
-    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hits_of["int8"], hits_of["fp32"])])
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hits_of["int8"], hits_of["fp32"], strict=False)])
     query_result["int8_top10_overlap_with_fp32"] = round(float(overlap), 4)
     print(f"int8 query top-10 overlap with fp32: {overlap:.3f}")
     result = {
@@ -172,16 +179,17 @@ def images_only_build(archive: Path, index_dir: Path, model, opts: BuildOptions)
     """The image path of ``index build``: catalogue, embed images, write FAISS (report sections left pending)."""
     from dataclasses import replace
 
-    from index.index_dir import IndexDir
     from index.embed import embed_pending_images
+    from index.index_dir import IndexDir
 
     t0 = time.perf_counter()
     summary = build(archive, index_dir, model, replace(opts, catalogue_only=True))
     catalogue_s = time.perf_counter() - t0
     idx = IndexDir.open(index_dir)
     try:
-        images = embed_pending_images(idx.store, idx.secret, model, batch_size=opts.batch_size,
-                                      num_workers=opts.num_workers, device=opts.device, precision=opts.precision)
+        embedder = Embedder(model, device=opts.device, precision=opts.precision, batch_size=opts.batch_size,
+                            num_workers=opts.num_workers)
+        images = embed_pending_images(idx.store, idx.secret, embedder)
         t1 = time.perf_counter()
         idx.sync()  # sections stay pending: nothing to add for them
         faiss_s = time.perf_counter() - t1

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
 from cxr_search.evaluation.image_hash import hash_pixels, read_grey, stretch_to_full_range, thumb_vectors  # noqa: E402
+from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
 
 _SUFFIXES = {".dcm", ".png", ".jpg", ".jpeg"}
 

@@ -1,4 +1,4 @@
-"""Train ``tiny-synth`` on a synthetic archive and score it on held-out synthetic studies (issue: training).
+"""Train ``tiny-synth`` on a synthetic archive and score it on held-out synthetic studies.
 
 Steps (each timed): synthesize a training archive (default 2,000 studies, seed 0) and a held-out
 archive (500 studies, seed 1, other patients), prepare both as MIMIC-layout manifests, cache the
@@ -26,9 +26,10 @@ from cxr_search.cache import build_cache
 from cxr_search.checkpoints import load_model
 from cxr_search.config import parse_set_options
 from cxr_search.datasets import prepare, read_manifest, write_manifest
-from cxr_search.fileio import emit_json, write_json_atomic
-from cxr_search.synth import synthesize
 from cxr_search.evaluation.synth_heldout import evaluate_heldout, heldout_studies
+from cxr_search.fileio import emit_json, write_json_atomic
+from cxr_search.inference import Embedder
+from cxr_search.synth import synthesize
 from train.config import get_recipe
 from train.metrics_log import read_metrics
 from train.state import list_step_checkpoints
@@ -87,17 +88,17 @@ def main() -> None:
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model = load_model(run / "model")
+    embedder = Embedder(load_model(run / "model"), batch_size=64)
     studies = heldout_studies(read_manifest(manifest, split="validate"), work / "heldout-archive" / "ground_truth.csv")
-    final = evaluate_heldout(model, studies)
+    final = evaluate_heldout(embedder, studies)
     extended = heldout_studies(read_manifest(manifest, split="validate"), work / "heldout-archive" / "ground_truth.csv",
                                findings="all")
-    final_all = evaluate_heldout(model, extended)
+    final_all = evaluate_heldout(embedder, extended)
     timings["evaluate_s"] = time.perf_counter() - t
 
     curve = []
     for ckpt in list_step_checkpoints(run):
-        scores = evaluate_heldout(load_model(ckpt / "model"), studies)
+        scores = evaluate_heldout(Embedder(load_model(ckpt / "model"), batch_size=64), studies)
         step = int(ckpt.name.split("-")[1])
         curve.append({"step": step, "epoch": round(step / max(1, result.total_steps) * cfg.optim.epochs, 2),
                       **{k: round(v, 4) for k, v in scores.items() if "R@10" in k or "precision" in k}})

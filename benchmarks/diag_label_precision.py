@@ -1,9 +1,9 @@
-"""Where label-precision@10 is lost: diagnostics of a ``bench_tiny_synth.py`` run (issue: training).
+"""Where label-precision@10 is lost: diagnostics of a ``bench_tiny_synth.py`` run.
 
 Reads the work folder of ``benchmarks/bench_tiny_synth.py`` (its manifest, both archives' ground
 truth) and one run's final model, and reports:
 
-* label-precision@10 in four directions: image->text and text->image (the issue's metric), and
+* label-precision@10 in four directions: image->text and text->image (what ``bench_tiny_synth.py`` reports), and
   image->image and text->text (each tower's own neighbourhoods), plus a TF-IDF text->text baseline;
 * label-precision@10 by the number of primary findings of the query (0 = normal ... 3), next to the
   ceiling of a perfect model for the same queries;
@@ -42,10 +42,11 @@ from sklearn.metrics import roc_auc_score
 from cxr_search.checkpoints import load_model
 from cxr_search.datasets import read_manifest
 from cxr_search.datasets.manifest import labels_object
-from cxr_search.fileio import emit_json, write_json_atomic
 from cxr_search.evaluation.retrieval_metrics import label_precision_at_k
-from cxr_search.labels import label_set_key
 from cxr_search.evaluation.synth_heldout import HeldoutStudy, evaluate_heldout, heldout_studies
+from cxr_search.fileio import emit_json, write_json_atomic
+from cxr_search.inference import Embedder
+from cxr_search.labels import label_set_key
 from cxr_search.synth.findings import EXTRAS, FINDINGS
 
 logger = logging.getLogger("diag_label_precision")
@@ -146,14 +147,14 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work: Path = args.work
-    model = load_model(work / args.run / "model")
+    embedder = Embedder(load_model(work / args.run / "model"), batch_size=64)
     manifest = work / "manifest.csv"
     held = heldout_studies(read_manifest(manifest, split="validate"), work / "heldout-archive" / "ground_truth.csv")
     train = heldout_studies(read_manifest(manifest, split="train"), work / "train-archive" / "ground_truth.csv")
 
     def embed(studies: Sequence[HeldoutStudy]) -> Tuple[np.ndarray, np.ndarray]:
-        img = np.asarray(model.embed_images([s.image_path for s in studies]), dtype=np.float32)  # [N, D]
-        txt = np.asarray(model.embed_texts([s.text for s in studies]), dtype=np.float32)  # [N, D]
+        img = np.asarray(embedder.embed_images([s.image_path for s in studies]), dtype=np.float32)  # [N, D]
+        txt = np.asarray(embedder.embed_texts([s.text for s in studies]), dtype=np.float32)  # [N, D]
         return img, txt
 
     run_loss = json.loads((work / args.run / "config.json").read_text(encoding="utf-8"))["recipe"].get("loss", {})
@@ -173,9 +174,9 @@ def main() -> None:
         "by_finding_count": {n: by_finding_count(directions[n][0], directions[n][1], labels)
                              for n in ("i2t", "t2i", "t2t")},
         "train_vs_heldout": {
-            "train_500": {k: round(v, 4) for k, v in evaluate_heldout(model, train[:500]).items()
+            "train_500": {k: round(v, 4) for k, v in evaluate_heldout(embedder, train[:500]).items()
                           if "R@10" in k or "precision" in k},
-            "heldout": {k: round(v, 4) for k, v in evaluate_heldout(model, held).items()
+            "heldout": {k: round(v, 4) for k, v in evaluate_heldout(embedder, held).items()
                         if "R@10" in k or "precision" in k},
         },
         "probe_auroc": {"image": probe_aurocs(pi, probe_labels, hi, labels),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 from cxr_search.errors import SearchIndexError
+from cxr_search.inference import Embedder
 from cxr_search.model import CXRClip
 from index.embed import StageTimes, embed_pending_images, embed_pending_sections
 from index.index_dir import META_FILE, IndexDir
@@ -46,6 +47,9 @@ def build(archive: Union[str, Path], index_dir: Union[str, Path], model: CXRClip
           command: str = "build") -> Dict[str, Any]:
     """Catalogue, embed and index an archive; resumes an interrupted run of the same command.
 
+    The model is embedded through one :class:`Embedder` built from ``opts`` (device, precision,
+    batch size, workers), which puts it in eval mode on that device.
+
     Returns:
         The JSON summary: index totals after the run, what this run added, stage timings, FAISS facts.
     """
@@ -71,11 +75,10 @@ def build(archive: Union[str, Path], index_dir: Union[str, Path], model: CXRClip
             timings["catalogue_s"] = round(time.perf_counter() - t0, 3)
         images, sections = StageTimes(), StageTimes()
         if not opts.catalogue_only:
-            images = embed_pending_images(
-                idx.store, idx.secret, model, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                device=opts.device, precision=opts.precision, progress=opts.progress, shard=opts.shard)
-            sections = embed_pending_sections(idx.store, model, device=opts.device, precision=opts.precision,
-                                              progress=opts.progress, shard=opts.shard)
+            embedder = Embedder(model, device=opts.device, precision=opts.precision, batch_size=opts.batch_size,
+                                num_workers=opts.num_workers)
+            images = embed_pending_images(idx.store, idx.secret, embedder, progress=opts.progress, shard=opts.shard)
+            sections = embed_pending_sections(idx.store, embedder, progress=opts.progress, shard=opts.shard)
         facts: Dict[str, Any] = {}
         if opts.shard is None and not opts.catalogue_only:  # FAISS files are written once, by a plain run
             t1 = time.perf_counter()

@@ -226,13 +226,14 @@ def search_text(
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write a page with thumbnails of the hits."),
 ) -> None:
     """Images (or studies) that match a description."""
+    from cxr_search.inference import Embedder
     from index.search import Searcher, parse_filters
 
     f = parse_filters(filters, since=since)
     if not query.strip():
         raise ConfigError("empty query; type a description such as 'large right pleural effusion'")
-    searcher = Searcher(index, _load(model, tokenizer, need_text=True), db_url=db, device=device,
-                        text_precision=query_precision)
+    embedder = Embedder(_load(model, tokenizer, need_text=True), device=device)
+    searcher = Searcher(index, embedder, db_url=db, text_precision=query_precision)
     try:
         hits = searcher.search_text(query, k=k, level=level, filters=f)
     finally:
@@ -257,10 +258,11 @@ def search_image(
     html_out: Optional[Path] = typer.Option(None, "--html"),
 ) -> None:
     """Report sections, similar images or similar studies for an image."""
+    from cxr_search.inference import Embedder
     from index.search import Searcher, parse_filters
 
     f = parse_filters(filters, since=since)
-    searcher = Searcher(index, _load(model, tokenizer, need_text=False), db_url=db, device=device)
+    searcher = Searcher(index, Embedder(_load(model, tokenizer, need_text=False), device=device), db_url=db)
     try:
         hits = searcher.search_image(image, k=k, returns=returns, filters=f, include_same_patient=include_same_patient)
     finally:

@@ -18,10 +18,21 @@ import numpy as np
 import torch
 from sqlalchemy import select, true, update
 
-from cxr_search.model import CXRClip, resolve_device, resolve_precision
 from cxr_search.images import preprocess_item
+from cxr_search.inference import Embedder
 from index.privacy import IndexSecret, scrub_path
-from index.store import EMBEDDED, FAILED, PENDING, Image, ImageVector, Section, SectionVector, Store, Study, vector_bytes
+from index.store import (
+    EMBEDDED,
+    FAILED,
+    PENDING,
+    Image,
+    ImageVector,
+    Section,
+    SectionVector,
+    Store,
+    Study,
+    vector_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +111,15 @@ def pending_images(store: Store, secret: IndexSecret, shard: Optional[Tuple[int,
 
 
 def embed_pending_images(
-    store: Store, secret: IndexSecret, model: CXRClip, *, batch_size: int = 32, num_workers: int = 0,
-    device: Optional[str] = None, precision: str = "fp32", progress: bool = False,
+    store: Store, secret: IndexSecret, embedder: Embedder, *, progress: bool = False,
     shard: Optional[Tuple[int, int]] = None,
 ) -> StageTimes:
     """Embed every pending image; each batch's vectors and statuses are committed together.
 
-    ``shard=(k, n)`` embeds only the images whose id modulo ``n`` is ``k``: ``n`` processes (on one
-    machine or many, sharing the store) split the work without overlapping.
+    Batches of the Embedder's ``batch_size`` are decoded by its ``num_workers`` DataLoader workers and
+    embedded on its device, in its precision. ``shard=(k, n)`` embeds only the images whose id modulo
+    ``n`` is ``k``: ``n`` processes (on one machine or many, sharing the store) split the work without
+    overlapping.
 
     Returns:
         Stage timings and counts.
@@ -116,12 +128,11 @@ def embed_pending_images(
     times = StageTimes()
     if not items:
         return times
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
+    num_workers = embedder.num_workers
     loader = torch.utils.data.DataLoader(
-        _PendingImages(items, model.config.preprocess), batch_size=batch_size, num_workers=num_workers,
+        _PendingImages(items, embedder.config.preprocess), batch_size=embedder.batch_size, num_workers=num_workers,
         collate_fn=_collate, worker_init_fn=_worker_init if num_workers > 0 else None,
-        persistent_workers=False, pin_memory=dev.type == "cuda",
+        persistent_workers=False, pin_memory=embedder.device.type == "cuda",
     )
     from tqdm.auto import tqdm
 
@@ -130,9 +141,9 @@ def embed_pending_images(
     for ids, pixels, bad in loader:
         t1 = time.perf_counter()
         times.read_s += t1 - t0
-        vectors = np.zeros((0, model.config.embed_dim), dtype=np.float32)
+        vectors = np.zeros((0, embedder.embed_dim), dtype=np.float32)
         if pixels is not None:
-            vectors = model.embed_pixels(pixels, device=dev, precision=precision)  # [B, D]
+            vectors = embedder.embed_pixels(pixels)  # [B, D]
         t2 = time.perf_counter()
         times.model_s += t2 - t1
         _write_image_batch(store, ids, vectors, bad, times)
@@ -147,7 +158,7 @@ def _write_image_batch(store: Store, ids: List[int], vectors: np.ndarray, bad: L
                        times: StageTimes) -> None:
     with store.session() as s:
         if ids:
-            s.add_all([ImageVector(image_id=i, vector=vector_bytes(v)) for i, v in zip(ids, vectors)])
+            s.add_all([ImageVector(image_id=i, vector=vector_bytes(v)) for i, v in zip(ids, vectors, strict=False)])
             s.execute(update(Image).where(Image.id.in_(ids)).values(status=EMBEDDED))
             touched = select(Image.study_id).where(Image.id.in_(ids))
             s.execute(update(Study).where(Study.id.in_(touched)).values(vector_dirty=True))
@@ -164,11 +175,11 @@ def _write_image_batch(store: Store, ids: List[int], vectors: np.ndarray, bad: L
 
 
 def embed_pending_sections(
-    store: Store, model: CXRClip, *, batch_size: int = 64, commit_every: int = 512, device: Optional[str] = None,
-    precision: str = "fp32", progress: bool = False, shard: Optional[Tuple[int, int]] = None,
+    store: Store, embedder: Embedder, *, commit_every: int = 512, progress: bool = False,
+    shard: Optional[Tuple[int, int]] = None,
 ) -> StageTimes:
     """Embed every pending report section (of one shard, see :func:`embed_pending_images`), committing every
-    ``commit_every`` sections."""
+    ``commit_every`` sections; batches of the Embedder's ``text_batch_size``, in its text precision."""
     with store.session() as s:
         rows = s.execute(select(Section.id, Section.text).where(Section.status == PENDING, _in_shard(Section.id, shard))
                          .order_by(Section.id)).all()
@@ -181,11 +192,11 @@ def embed_pending_sections(
     for start in range(0, len(rows), commit_every):
         part = rows[start : start + commit_every]
         t1 = time.perf_counter()
-        vectors = model.embed_texts([t for _, t in part], batch_size=batch_size, device=device, precision=precision)
+        vectors = embedder.embed_texts([t for _, t in part])
         t2 = time.perf_counter()
         ids = [i for i, _ in part]
         with store.session() as s:
-            s.add_all([SectionVector(section_id=i, vector=vector_bytes(v)) for i, v in zip(ids, vectors)])
+            s.add_all([SectionVector(section_id=i, vector=vector_bytes(v)) for i, v in zip(ids, vectors, strict=False)])
             s.execute(update(Section).where(Section.id.in_(ids)).values(status=EMBEDDED))
         times.model_s += t2 - t1
         times.write_s += time.perf_counter() - t2

@@ -19,7 +19,7 @@ import numpy as np
 from sqlalchemy import and_, exists, select
 
 from cxr_search.errors import ConfigError, InputFileError
-from cxr_search.model import CXRClip, resolve_device
+from cxr_search.inference import Embedder
 from index.index_dir import IndexDir, model_identity
 from index.store import EMBEDDED, Image, Patient, Section, Study, chunks
 
@@ -123,26 +123,26 @@ class Searcher:
 
     Args:
         index_dir: The index folder.
-        model: The model (its fingerprint and preprocessing must equal the index's).
+        embedder: The Embedder of the model (its fingerprint and preprocessing must equal the index's);
+            query images are embedded on its device and in its precision. A long-lived Searcher keeps
+            it warm.
         db_url: Store URL when it is not the one recorded in the index.
-        device: Device for the query encoders.
-        text_precision: Precision of the query text encoder: ``auto`` (int8 on CPU, where a single
-            query is bound by reading BERT's fp32 weights; the device's best float precision on a
-            GPU), ``int8``, ``fp32``, ``bf16``, ``fp16``. The index itself is always built in the
+        text_precision: Precision of the query text encoder: ``auto`` (int8 on a CPU Embedder, where a
+            single query is bound by reading BERT's fp32 weights; the device's best float precision on
+            a GPU), ``int8``, ``fp32``, ``bf16``, ``fp16``. The index itself is always built in the
             precision given to ``index build``.
 
     Raises:
         SearchIndexError: Missing or corrupt index files, or a model mismatch.
     """
 
-    def __init__(self, index_dir: Union[str, Path], model: CXRClip, *, db_url: Optional[str] = None,
-                 device: Optional[str] = None, text_precision: str = "auto") -> None:
+    def __init__(self, index_dir: Union[str, Path], embedder: Embedder, *, db_url: Optional[str] = None,
+                 text_precision: str = "auto") -> None:
         self.index = IndexDir.open(index_dir, db_url=db_url)
-        self.index.check_model(model_identity(model))
-        self.model = model
-        self.device = device
+        self.index.check_model(model_identity(embedder.model))
+        self.embedder = embedder
         if text_precision == "auto":
-            text_precision = "int8" if resolve_device(device).type == "cpu" else "auto"
+            text_precision = "int8" if embedder.device.type == "cpu" else "auto"
         self.text_precision = text_precision
         for kind in ("image", "section", "study"):
             # Load now, so that a missing or corrupt file fails here and not at the first query;
@@ -166,7 +166,7 @@ class Searcher:
         _check_k(k)
         if level not in LEVELS:
             raise ConfigError(f"unknown level {level!r}; use image or study")
-        vec = self.model.embed_texts([query.strip()], device=self.device, precision=self.text_precision)  # [1, D]
+        vec = self.embedder.embed_texts([query.strip()], precision=self.text_precision)  # [1, D]
         kind = "image" if level == "image" else "study"
         return self._search(vec, kind, k, filters or Filters(), excluded_studies=set())
 
@@ -185,14 +185,14 @@ class Searcher:
         _check_k(k)
         if returns not in RETURNS:
             raise ConfigError(f"unknown --return {returns!r}; use reports, images or studies")
-        vec = self.model.embed_images([image], device=self.device)  # [1, D]
+        vec = self.embedder.embed_images([image])  # [1, D]
         excluded = set() if include_same_patient else self._same_patient_studies(image)
         kind = {"reports": "section", "images": "image", "studies": "study"}[returns]
         return self._search(vec, kind, k, filters or Filters(), excluded_studies=excluded)
 
     def embed_query_image(self, image: Any) -> np.ndarray:
         """The query embedding of an image, ``[1, D]``."""
-        return self.model.embed_images([image], device=self.device)
+        return self.embedder.embed_images([image])
 
     # ------------------------------------------------------------------------------ internals
     def _same_patient_studies(self, image: Any) -> Set[int]:
@@ -201,7 +201,7 @@ class Searcher:
         path = Path(image)
         study_uid = patient_src = None
         try:
-            from cxr_search.dicom.read import read_dicom_header
+            from cxr_search.dicom.header import read_dicom_header
 
             header = read_dicom_header(path)
             study_uid = header.study_instance_uid
@@ -278,10 +278,10 @@ class Searcher:
         excluded = self._excluded_ids(kind, excluded_studies)
         index = self.index.vector_index(kind)
         # A compressed (IVF) index ranks its candidates approximately: re-score the top candidates with
-        # the full vectors from the store (engine facts: codes of ~100 bytes cannot order near-ties).
+        # the full vectors from the store (`docs/engine-facts.md`: codes of ~100 bytes cannot order near-ties).
         rerank = None if index.kind == "flat" else (lambda ids: self.index.fetch_vectors(kind, ids))
         scores, ids = index.search(vec, k, allowed=allowed, excluded=excluded, rerank=rerank)
-        pairs = [(float(sc), int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0]
+        pairs = [(float(sc), int(i)) for sc, i in zip(scores[0], ids[0], strict=False) if i >= 0]
         return self._hits(kind, pairs)
 
     def _hits(self, kind: str, pairs: Sequence[Tuple[float, int]]) -> List[Hit]:

@@ -13,6 +13,7 @@ from PIL import Image
 
 import cli
 from cxr_search.checkpoints import save_model
+from cxr_search.inference import Embedder
 from cxr_search.model import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_embed_texts_and_images(tmp_path, capsys):
     assert code == 0 and json.loads(out)["count"] == 2
     emb = np.load(tmp_path / "t.npy")
     assert emb.shape == (2, 64)
-    np.testing.assert_allclose(emb, create_model("tiny").embed_texts(["large right pleural effusion", "no acute process"]), atol=1e-6)
+    np.testing.assert_allclose(emb, Embedder(create_model("tiny")).embed_texts(["large right pleural effusion", "no acute process"]), atol=1e-6)
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -59,6 +60,7 @@ def test_embed_texts_and_images(tmp_path, capsys):
     assert (tmp_path / "i.npy.paths.txt").read_text().splitlines() == [str(folder / f"{i}.png") for i in range(3)]
 
 
+@pytest.mark.slow
 def test_convert_own_format(tmp_path, capsys):
     src = save_model(create_model("tiny"), tmp_path / "src")
     code, out, _ = run(capsys, "model", "convert", str(src), str(tmp_path / "dst"), "--json")

@@ -109,17 +109,18 @@ def train_probe(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result JSON here too."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Linear probe (spec section 5): frozen image tower, one linear layer, BCE; per-class AUROC."""
+    """Linear probe (CXR-CLIP protocol): frozen image tower, one linear layer, BCE; per-class AUROC."""
     from cxr_search.checkpoints import load_model
+    from cxr_search.inference import Embedder
     from train.probe import probe_from_manifest
 
     m = load_model(model, tokenizer=tokenizer, require_tokenizer=False)
-    result = probe_from_manifest(m, [str(p) for p in data], train_split=train_split, test_split=test_split,
-                                 fraction=fraction, epochs=epochs, seed=seed, device=device,
-                                 progress=not json_out)
+    embedder = Embedder(m, device=device, batch_size=64)
+    result = probe_from_manifest(embedder, [str(p) for p in data], train_split=train_split, test_split=test_split,
+                                 fraction=fraction, epochs=epochs, seed=seed, progress=not json_out)
     summary = result.to_dict()
     if out is not None:
-        from train.state import write_json_atomic
+        from cxr_search.fileio import write_json_atomic
 
         write_json_atomic(out, summary)
     if json_out:

@@ -1,8 +1,8 @@
-"""Linear probe (spec section 5): frozen image tower, one ``Linear`` on the pre-projection feature, BCE.
+"""Linear probe (the CXR-CLIP protocol, `docs/compatibility.md` section 5): frozen image tower, one ``Linear`` on the pre-projection feature, BCE.
 
 The protocol: the image tower is frozen and in eval mode, so every image's feature is a constant. We
 therefore compute features ONCE (evaluation transform, no augmentation) and train the linear layer on
-the cached ``[N, F]`` matrix, which turns 300 epochs into seconds. Settings (spec section 5): 10 % of
+the cached ``[N, F]`` matrix, which turns 300 epochs into seconds. Settings (the CXR-CLIP protocol): 10 % of
 the training labels for 300 epochs or 100 % for 30, batch 256, AdamW lr 5e-5; weight decay 1e-4 and a
 per-step linear warm-up over the first 10 % of steps then cosine decay to 0, as the contrastive recipe
 (``schedule="constant"`` turns the schedule off).
@@ -16,8 +16,9 @@ Differences from the reference, on purpose:
 
 Usage::
 
+    from cxr_search.inference import Embedder
     from train.probe import probe_from_manifest
-    result = probe_from_manifest(model, ["rsna.csv"], fraction=0.1)
+    result = probe_from_manifest(Embedder(model), ["rsna.csv"], fraction=0.1)
     print(result.mean_auroc, result.to_dict())
 """
 
@@ -27,16 +28,16 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from cxr_search.evaluation.classification_metrics import auroc
 from cxr_search.datasets.manifest import ManifestRow, read_manifest
 from cxr_search.errors import ConfigError, DatasetError
-from cxr_search.model import CXRClip, _image_batches, _progress, autocast_context, resolve_device, resolve_precision
+from cxr_search.evaluation.classification_metrics import auroc
+from cxr_search.inference import Embedder
 from train.optim import lr_factor
 from train.probe_labels import label_matrix, masked_bce, subsample
 
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ProbeResult", "default_epochs", "extract_features", "probe_from_manifest", "run_probe"]
 
-#: Epochs of the spec: 300 with 10 % of the labels, 30 with all of them.
+#: Epochs of the CXR-CLIP protocol: 300 with 10 % of the labels, 30 with all of them.
 EPOCHS_FEW_LABELS = 300
 EPOCHS_ALL_LABELS = 30
 #: Share of optimiser steps spent in linear warm-up (the reference's ``warmup_epochs: 0.1``).
@@ -104,28 +105,24 @@ def default_epochs(fraction: float) -> int:
 
 
 def extract_features(
-    model: CXRClip,
+    embedder: Embedder,
     paths: Sequence[str],
     *,
-    batch_size: int = 64,
-    device: Optional[Union[str, torch.device]] = None,
-    num_workers: int = 0,
-    precision: str = "fp32",
+    batch_size: Optional[int] = None,
+    num_workers: Optional[int] = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Pre-projection image features of image files (evaluation transform, frozen tower).
 
-    The image tower runs in eval mode (BatchNorm statistics and dropout frozen, as the protocol
-    requires) and without gradients; its previous train/eval mode is restored afterwards. The model
-    is moved to ``device``, as :meth:`CXRClip.embed_images` does.
+    The tower runs as the Embedder runs it: in eval mode (BatchNorm statistics and dropout frozen, as
+    the protocol requires), without gradients, on its device and in its precision (features are
+    returned in fp32).
 
     Args:
-        model: The dual encoder.
+        embedder: The Embedder of the dual encoder.
         paths: Image files (PNG/JPEG/DICOM).
-        batch_size: Images per forward pass.
-        device: ``None``/``"auto"`` (GPU when present), ``"cpu"``, ``"cuda:0"``...
-        num_workers: DataLoader workers decoding images.
-        precision: ``fp32`` (default), ``bf16``, ``fp16`` or ``auto``; features are returned in fp32.
+        batch_size: Images per forward pass (default: the Embedder's).
+        num_workers: DataLoader workers decoding images (default: the Embedder's).
         progress: Show a progress bar.
 
     Returns:
@@ -134,41 +131,19 @@ def extract_features(
     Raises:
         ImageReadError / DicomError: An image cannot be read (the message names the file).
     """
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    dim = model.image_tower.feature_dim
-    out = torch.zeros((len(paths), dim), dtype=torch.float32)  # [N, F]
-    if not len(paths):
-        return out
-    was_training = model.image_tower.training
-    if model.device != dev:
-        model.to(dev)
-    model.image_tower.eval()
-    done = 0
-    try:
-        with torch.inference_mode(), _progress(progress, len(paths), "images") as bar:
-            for pixels in _image_batches(list(paths), model.config, batch_size, num_workers):
-                pixels = pixels.to(dev, non_blocking=True)  # [B, 3, H, W]
-                with autocast_context(dev, precision):
-                    feats = model.image_features(pixels)  # [B, F]
-                out[done : done + len(feats)] = feats.float().cpu()
-                done += len(feats)
-                bar.update(len(feats))
-    finally:
-        model.image_tower.train(was_training)
-    return out
+    return embedder.image_features(list(paths), batch_size=batch_size, num_workers=num_workers, progress=progress)
 
 
 def _cached_features(
-    model: CXRClip, paths: Sequence[str], cache: Optional[FeatureCache], **kwargs: Any
+    embedder: Embedder, paths: Sequence[str], cache: Optional[FeatureCache], **kwargs: Any
 ) -> torch.Tensor:
     """Features of ``paths``, computing only those missing from ``cache`` (and storing them there)."""
     if cache is None:
-        return extract_features(model, paths, **kwargs)
+        return extract_features(embedder, paths, **kwargs)
     todo = list(dict.fromkeys(p for p in paths if p not in cache))
     if todo:
-        fresh = extract_features(model, todo, **kwargs)  # [M, F]
-        for p, f in zip(todo, fresh):
+        fresh = extract_features(embedder, todo, **kwargs)  # [M, F]
+        for p, f in zip(todo, fresh, strict=False):
             cache[p] = f
     return torch.stack([torch.as_tensor(cache[p], dtype=torch.float32).reshape(-1) for p in paths])  # [N, F]
 
@@ -184,11 +159,11 @@ def _labelled(
     """Rows with at least one known label among ``classes``, with their targets and mask."""
     _, targets, mask = label_matrix(rows, classes, uncertain=uncertain)
     keep = mask.sum(axis=1) > 0
-    return [r for r, k in zip(rows, keep) if k], targets[keep], mask[keep]
+    return [r for r, k in zip(rows, keep, strict=False) if k], targets[keep], mask[keep]
 
 
 def run_probe(
-    model: CXRClip,
+    embedder: Embedder,
     train_rows: Sequence[ManifestRow],
     test_rows: Sequence[ManifestRow],
     *,
@@ -201,32 +176,28 @@ def run_probe(
     schedule: str = "cosine",
     uncertain: str = "mask",
     seed: int = 0,
-    device: Optional[Union[str, torch.device]] = None,
-    feature_batch_size: int = 64,
-    num_workers: int = 0,
     progress: bool = False,
     features_cache: Optional[FeatureCache] = None,
 ) -> ProbeResult:
     """Train a linear layer on frozen pre-projection features and report per-class test AUROC.
 
     Args:
-        model: The dual encoder; only its image tower is used, and never updated.
+        embedder: The Embedder of the dual encoder: only its image tower is used, and never updated;
+            features are computed and the layer is trained on its device, features in its precision
+            and batch size.
         train_rows: Labelled training rows (one image each; each image is its own sample).
         test_rows: Labelled test rows.
         classes: Classes to probe; default: every label found in ``train_rows`` (first-appearance order).
-        fraction: Share of the labelled training rows used (seeded random subset; spec: 0.1 or 1.0).
-        epochs: Default 300 when ``fraction < 1``, else 30 (spec section 5).
-        batch_size: Training batch size (spec: 256).
-        lr: Peak AdamW learning rate (spec: 5e-5).
+        fraction: Share of the labelled training rows used (seeded random subset; the protocol: 0.1 or 1.0).
+        epochs: Default 300 when ``fraction < 1``, else 30 (the CXR-CLIP protocol).
+        batch_size: Training batch size (the protocol: 256).
+        lr: Peak AdamW learning rate (the protocol: 5e-5).
         weight_decay: AdamW weight decay; 1e-4 is the reference's ``optimizer/adamw.yaml``.
         schedule: ``cosine`` (10 % linear warm-up then cosine to 0, per step, as the reference) or
             ``constant``.
         uncertain: How -1 labels count, see :func:`label_matrix`.
         seed: Seeds the subset, the layer's initialisation and the batch order (the global RNG is
             left alone).
-        device: Where features are computed and the layer is trained.
-        feature_batch_size: Images per forward pass of the tower.
-        num_workers: DataLoader workers decoding images.
         progress: Show progress bars.
         features_cache: Optional dict image path -> feature ``[F]``; read first, filled with what had
             to be computed. Reuse it only with the same model (e.g. the 10 % and 100 % runs).
@@ -247,7 +218,7 @@ def run_probe(
     if schedule not in ("cosine", "constant"):
         raise ConfigError(f"unknown probe schedule {schedule!r}; valid: cosine, constant")
     if not (0.0 < fraction <= 1.0):
-        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}; the spec uses 0.1 and 1.0")
+        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}; the CXR-CLIP protocol uses 0.1 and 1.0")
 
     # ---- labels: everything is checked before the (slow) feature extraction
     found = label_matrix(train_rows, None, uncertain=uncertain)[0] if train_rows else []
@@ -276,7 +247,7 @@ def run_probe(
             f"no test row has a known (1/0) label for {', '.join(classes)}; check --test-split and the manifest"
         )
     evaluable, skipped = [], []
-    for j, name in enumerate(classes):
+    for j in range(len(classes)):
         values = y_test[m_test[:, j] > 0, j]
         (evaluable if values.size and 0 < values.sum() < values.size else skipped).append(j)
     if not evaluable:
@@ -289,12 +260,10 @@ def run_probe(
     y_train, m_train = y_train[picked], m_train[picked]
 
     # ---- features: once, frozen tower in eval mode
-    dev = resolve_device(device)
-    feat_kwargs: Dict[str, Any] = dict(
-        batch_size=feature_batch_size, device=dev, num_workers=num_workers, progress=progress
-    )
-    x_train = _cached_features(model, [r.image_path for r in train_rows], features_cache, **feat_kwargs)  # [N, F]
-    x_test = _cached_features(model, [r.image_path for r in test_rows], features_cache, **feat_kwargs)  # [M, F]
+    dev = embedder.device
+    train_paths, test_paths = [r.image_path for r in train_rows], [r.image_path for r in test_rows]
+    x_train = _cached_features(embedder, train_paths, features_cache, progress=progress)  # [N, F]
+    x_test = _cached_features(embedder, test_paths, features_cache, progress=progress)  # [M, F]
 
     head, train_loss = _train_linear(
         x_train, torch.from_numpy(y_train), torch.from_numpy(m_train), epochs=epochs, batch_size=batch_size,
@@ -373,7 +342,7 @@ def _train_linear(
 
 
 def probe_from_manifest(
-    model: CXRClip,
+    embedder: Embedder,
     manifest_paths: Sequence[str],
     *,
     train_split: str = "train",
@@ -383,11 +352,11 @@ def probe_from_manifest(
     """Read manifests, pick rows by split and run :func:`run_probe` (each row = one image = one sample).
 
     Args:
-        model: The dual encoder.
+        embedder: The Embedder of the dual encoder.
         manifest_paths: Manifest CSVs with labels (rows of all of them are pooled).
         train_split: Split the linear layer is trained on.
         test_split: Split the AUROC is measured on.
-        **kwargs: Passed to :func:`run_probe` (fraction, epochs, seed, device, ...).
+        **kwargs: Passed to :func:`run_probe` (fraction, epochs, seed, ...).
 
     Raises:
         DatasetError: A manifest cannot be read, or a split has no rows (the splits present are named).
@@ -406,4 +375,4 @@ def probe_from_manifest(
                 f"no rows of split {name!r} in {', '.join(map(str, manifest_paths))}; "
                 f"splits present: {', '.join(present) or 'none'}"
             )
-    return run_probe(model, train_rows, test_rows, **kwargs)
+    return run_probe(embedder, train_rows, test_rows, **kwargs)

@@ -28,13 +28,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from train.augment import train_transform
 from cxr_search.checkpoints import load_model, save_model
 from cxr_search.errors import ConfigError, TrainingError
-from cxr_search.model import CXRClip, autocast_context
-from train.dataset import StudyDataset, epoch_generator, make_collate
+from cxr_search.fileio import write_json_atomic
+from cxr_search.inference import autocast_context
+from cxr_search.model import CXRClip
+from train.augment import train_transform
 from train.config import TrainConfig
-from train.inputs import load_paraphrases, load_training_rows, report_texts, worker_init
+from train.dataset import StudyDataset, epoch_generator, make_collate
 from train.distributed import (
     DistInfo,
     all_gather_tensor,
@@ -45,13 +46,14 @@ from train.distributed import (
     init_distributed,
     seed_everything,
 )
-from train.validate import _pad_cat, validate
-from train.warm_start import initial_model
+from train.inputs import load_paraphrases, load_training_rows, report_texts, worker_init
 from train.losses import cxr_clip_loss
 from train.metrics_log import MetricsLog
 from train.optim import build_optimizer, build_scheduler
 from train.sampling import SeededSamples, StepSampler
-from train.state import capture_rng, latest_checkpoint, load_state, restore_rng, save_checkpoint, write_json_atomic
+from train.state import capture_rng, latest_checkpoint, load_state, restore_rng, save_checkpoint
+from train.validate import _pad_cat, validate
+from train.warm_start import initial_model
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +213,7 @@ def train(
         model.image_tower.to(memory_format=torch.channels_last)  # 4-D conv weights become NHWC; the rest is unchanged
 
     preprocess = model.config.preprocess
-    transform = train_transform(preprocess, **{k: tuple(v) if isinstance(v, list) else v
-                                               for k, v in cfg.to_dict()["augment"].items()})
+    transform = train_transform(preprocess, cfg.augment)
     paraphrases = load_paraphrases(cfg.data.paraphrases)
     label_set = {"label_names": cfg.loss.label_names or None, "uncertain_positive": cfg.loss.label_uncertain == "positive"}
     train_set = StudyDataset(train_rows, preprocess, train=True, text_paraphrases=paraphrases, seed=cfg.seed,

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxr_search.evaluation.retrieval_metrics import positive_ranks, recall_at_k
-from cxr_search.model import CXRClip, autocast_context
+from cxr_search.inference import autocast_context
+from cxr_search.model import CXRClip
 from train.dataset import StudyDataset, make_collate
 from train.losses import cxr_clip_loss
 

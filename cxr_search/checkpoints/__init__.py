@@ -1,5 +1,10 @@
 """Checkpoints: released CXR-CLIP files and this project's own safetensors format.
 
+This package defines :func:`load_model` (a released file, one of our folders, or a preset name),
+:func:`save_model`, :func:`model_fingerprint` (the weights + preprocessing hash an index is tied to) and
+:func:`file_sha256`. Its module ``released`` reads the released ``*.tar`` pickles safely and remaps their
+keys onto :class:`~cxr_search.model.CXRClip` (rules: ``docs/compatibility.md`` sections 1-2).
+
 Our format is a directory::
 
     config.json         {"format": "cxr-search/1", "model": ModelConfig, "tokenizer": {...},
@@ -30,7 +35,8 @@ from cxr_search.checkpoints.released import (
 )
 from cxr_search.config import ModelConfig, get_model_config, list_models
 from cxr_search.errors import CheckpointError, TokenizerError
-from cxr_search.model import CXRClip, create_model, resolve_device
+from cxr_search.inference import resolve_device
+from cxr_search.model import CXRClip, create_model
 from cxr_search.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)

@@ -157,8 +157,8 @@ _PREFIXES = [
     ("image_projection.projection.", "image_projection."),
     ("text_projection.projection.", "text_projection."),
 ]
-# transformers >= 5 renamed Swin block submodules (spec section 2). Applied only when the old name
-# does not exist in the installed model and the new one does.
+# transformers >= 5 renamed Swin block submodules (``docs/compatibility.md`` section 2). Applied only when
+# the old name does not exist in the installed model and the new one does.
 _SWIN_RENAMES = [
     (re.compile(r"(blocks\.\d+\.attention\.)self\.query\."), r"\1q_proj."),
     (re.compile(r"(blocks\.\d+\.attention\.)self\.key\."), r"\1k_proj."),

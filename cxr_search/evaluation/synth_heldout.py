@@ -104,24 +104,24 @@ def oracle_label_precision(sets: Sequence[FrozenSet[str]], k: int = 10) -> float
 
 
 def evaluate_heldout(
-    model: Any, studies: Sequence[HeldoutStudy], *, k: int = 10, batch_size: int = 64, device: Optional[str] = None,
-    num_workers: int = 0, progress: bool = False,
+    embedder: Any, studies: Sequence[HeldoutStudy], *, k: int = 10, progress: bool = False,
 ) -> Dict[str, float]:
     """Recall@1/5/10 and label-precision@k in both directions for a model on held-out studies.
 
     Args:
-        model: A :class:`cxr_search.model.CXRClip` with a tokenizer.
+        embedder: A :class:`cxr_search.inference.Embedder` whose model has a tokenizer (its batch sizes,
+            workers, device and precision are the embedding's), or anything with its ``embed_images`` /
+            ``embed_texts``.
         studies: From :func:`heldout_studies`.
         k: Cut-off of label precision.
-        batch_size, device, num_workers, progress: Passed to the model's ``embed_*`` methods.
+        progress: Show a progress bar while embedding images.
 
     Returns:
         ``i2t_R@1/5/10``, ``t2i_R@1/5/10``, ``i2t_label_precision@k``, ``t2i_label_precision@k``,
         ``label_precision_oracle@k``, ``studies``.
     """
-    images = model.embed_images([s.image_path for s in studies], batch_size=batch_size, device=device,
-                                num_workers=num_workers, progress=progress)
-    texts = model.embed_texts([s.text for s in studies], batch_size=batch_size, device=device)
+    images = embedder.embed_images([s.image_path for s in studies], progress=progress)
+    texts = embedder.embed_texts([s.text for s in studies])
     img = np.asarray(images, dtype=np.float32)  # [N, D]
     txt = np.asarray(texts, dtype=np.float32)  # [N, D]
     labels = [s.findings for s in studies]

@@ -1,4 +1,4 @@
-"""Zero-shot classification benchmark (CXR-CLIP compatibility spec, section 5).
+"""Zero-shot classification benchmark (CXR-CLIP protocols: ``docs/compatibility.md`` section 5).
 
 Reference protocols (the numbers comparable with published CXR-CLIP results):
 
@@ -37,24 +37,22 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cxr_search.evaluation.classification_metrics import accuracy, auroc, f1_score
 from cxr_search.datasets.manifest import SPLITS, ManifestRow
 from cxr_search.errors import ConfigError, DatasetError
-from cxr_search.fileio import write_json_atomic
-from cxr_search.evaluation.zeroshot_prompts import binary_prompts
+from cxr_search.evaluation.classification_metrics import accuracy, auroc, f1_score
 from cxr_search.evaluation.retrieval_protocol import write_ids
 from cxr_search.evaluation.zeroshot_prompts import (
     CHEXPERT5X200_CLASSES,
     NEGATION_SAFE_PROMPTS,
     TASK_DATASETS,
-    TASKS,
+    binary_prompts,
     check_task,
     gloria_chexpert_prompts,
     is_negated_class,
-    load_prompt_bank,
     reference_binary_prompts,
     sentence_prompts,
 )
+from cxr_search.fileio import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -245,9 +243,9 @@ def score_multiclass(scores: np.ndarray, targets: np.ndarray, classes: Sequence[
 class _TextTable:
     """Embeds a set of prompts once (duplicates embedded once) and looks them up."""
 
-    def __init__(self, model: Any, texts: Iterable[str], **kwargs: Any) -> None:
+    def __init__(self, embedder: Any, texts: Iterable[str]) -> None:
         unique = list(dict.fromkeys(texts))
-        emb = np.asarray(model.embed_texts(unique, **kwargs), dtype=np.float64) if unique else np.zeros((0, 0))
+        emb = np.asarray(embedder.embed_texts(unique), dtype=np.float64) if unique else np.zeros((0, 0))
         self._index = {t: i for i, t in enumerate(unique)}
         self._emb = emb
 
@@ -280,15 +278,15 @@ def _negated_classes(rows: Sequence[ManifestRow]) -> List[str]:
     return list(seen)
 
 
-def _run_binary(rows: Sequence[ManifestRow], images: np.ndarray, task: str, text_kwargs: Dict[str, Any],
-                model: Any) -> Tuple[Dict[str, Any], Dict[str, Any], List[str]]:
+def _run_binary(rows: Sequence[ManifestRow], images: np.ndarray, task: str,
+                embedder: Any) -> Tuple[Dict[str, Any], Dict[str, Any], List[str]]:
     reference = reference_binary_prompts(task)
     negated = _negated_classes(rows)
     sentence = {name: sentence_prompts(name) for name in reference}
     safe = {name: NEGATION_SAFE_PROMPTS for name in negated}
     ref_style = {name: binary_prompts(name) for name in negated}
     all_texts = [t for table in (reference, sentence, safe, ref_style) for pair in table.values() for t in pair]
-    texts = _TextTable(model, all_texts, **text_kwargs)
+    texts = _TextTable(embedder, all_texts)
 
     def evaluate(prompts: Mapping[str, Tuple[str, str]]) -> Dict[str, Any]:
         return {name: score_binary(images, texts(neg), texts(pos), binary_targets(rows, name))
@@ -325,22 +323,19 @@ def _run_binary(rows: Sequence[ManifestRow], images: np.ndarray, task: str, text
 
 def run_zeroshot(
     rows: Sequence[ManifestRow],
-    model: Any,
+    embedder: Any,
     task: str,
     *,
-    batch_size: int = 32,
-    device: Optional[str] = None,
     progress: bool = False,
 ) -> Dict[str, Any]:
     """Run a zero-shot benchmark on manifest rows (one image per row).
 
     Args:
         rows: The rows to evaluate (see :func:`select_rows`), all of the task's dataset.
-        model: Anything with ``embed_images(paths, ...)`` and ``embed_texts(texts, ...)`` returning
-            L2-normalised ``[N, D]`` arrays (:class:`cxr_search.model.CXRClip`).
-        task: One of :data:`TASKS`.
-        batch_size: Images per forward pass.
-        device: Passed to the model's embed calls (``None``/``"auto"``: GPU when present).
+        embedder: A :class:`cxr_search.inference.Embedder` (its batch sizes, device and precision are
+            the embedding's), or anything with its ``embed_images(paths, progress=...)`` and
+            ``embed_texts(texts)`` returning L2-normalised ``[N, D]`` arrays.
+        task: One of :data:`cxr_search.evaluation.zeroshot_prompts.TASKS`.
         progress: Show a progress bar while embedding images.
 
     Returns:
@@ -348,25 +343,22 @@ def run_zeroshot(
         reference, variants, notes.
 
     Raises:
-        ConfigError: Unknown task or a batch size below 1.
+        ConfigError: Unknown task.
         DatasetError: No rows, or CheXpert 5x200 rows without exactly one positive class.
     """
     check_task(task)
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     rows = list(rows)
     if not rows:
         raise DatasetError(f"no rows to evaluate for task {task!r}")
     targets = multiclass_targets(rows, CHEXPERT5X200_CLASSES) if task == "chexpert5x200" else None
     logger.info("zero-shot %s: embedding %d images", task, len(rows))
-    images = np.asarray(model.embed_images([r.image_path for r in rows], batch_size=batch_size, device=device,
-                                           progress=progress), dtype=np.float64)  # fmt: skip
-    text_kwargs: Dict[str, Any] = {"device": device}
+    images = np.asarray(embedder.embed_images([r.image_path for r in rows], progress=progress),
+                        dtype=np.float64)  # [N, D]
     result: Dict[str, Any] = {"task": task, "dataset": TASK_DATASETS[task], "n_images": len(rows)}
     if task == "chexpert5x200":
         assert targets is not None
         bank = gloria_chexpert_prompts()
-        texts = _TextTable(model, [p for prompts in bank.values() for p in prompts], **text_kwargs)
+        texts = _TextTable(embedder, [p for prompts in bank.values() for p in prompts])
         scores = class_scores(images, [texts.many(bank[name]) for name in CHEXPERT5X200_CLASSES])
         reference = score_multiclass(scores, targets, CHEXPERT5X200_CLASSES)
         reference["prompt_bank"] = {
@@ -378,7 +370,7 @@ def run_zeroshot(
         notes = _auroc_note(reference["classes"], "reference")
         result.update(protocol="multiclass", reference=reference, variants={}, notes=notes)
         return round_floats(result)
-    reference, variants, notes = _run_binary(rows, images, task, text_kwargs, model)
+    reference, variants, notes = _run_binary(rows, images, task, embedder)
     result.update(protocol="binary", reference=reference, variants=variants, notes=notes)
     return round_floats(result)
 
@@ -449,26 +441,16 @@ def render_tables(result: Mapping[str, Any]) -> List[Any]:
 
 
 __all__ = [
-    "CHEXPERT5X200_CLASSES",
-    "NEGATION_SAFE_PROMPTS",
-    "TASKS",
-    "TASK_DATASETS",
     "binary_means",
     "binary_probabilities",
     "binary_targets",
-    "check_task",
     "class_scores",
-    "gloria_chexpert_prompts",
-    "is_negated_class",
-    "load_prompt_bank",
     "multiclass_targets",
-    "reference_binary_prompts",
     "render_tables",
     "round_floats",
     "run_zeroshot",
     "score_binary",
     "score_multiclass",
     "select_rows",
-    "sentence_prompts",
     "write_outputs",
-]  # the task and prompt names are re-exported from cxr_search.evaluation.zeroshot_prompts
+]

@@ -1,5 +1,6 @@
-"""Zero-shot tasks and their prompts: the reference prompts of spec section 5, GLoRIA's CheXpert
-prompt bank (a JSON data file of ``cxr_search``), and the prompts of the separately reported variants.
+"""Zero-shot tasks and their prompts: the reference prompts of the CXR-CLIP protocol
+(``docs/compatibility.md`` section 5), GLoRIA's CheXpert prompt bank (a JSON data file of ``cxr_search``), and
+the prompts of the separately reported variants.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``cxr-search bench ...``: the Typer sub-app of the benchmarks (mounted by ``cli.py``).
 
-Each benchmark lives in its own module of :mod:`index.bench`; this file only parses options, calls it,
-and prints a table (or JSON with ``--json``).
+Each benchmark lives in its own module (retrieval and speed in :mod:`index.bench`, zero-shot and overlap in
+:mod:`cxr_search.evaluation`); this file only parses options, calls it, and prints a table (or JSON with
+``--json``).
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ def retrieval(
 ) -> None:
     """Recall@K of image->text (and text->image) retrieval on a manifest split, through the index engine."""
     from cxr_search.datasets import read_manifest
+    from cxr_search.evaluation.retrieval_protocol import (
+        evaluated_ids,
+        read_ids,
+        restrict_rows,
+        select_studies,
+        write_ids,
+    )
     from cxr_search.fileio import write_json_atomic
-    from cxr_search.evaluation.retrieval_protocol import evaluated_ids, read_ids, restrict_rows, select_studies, write_ids
+    from cxr_search.inference import Embedder
     from index.bench.retrieval import evaluate
 
     rows = read_manifest(manifest, split=None if split == "all" else split)
@@ -62,7 +70,8 @@ def retrieval(
     rows = restrict_rows(rows, read_ids(ids) if ids else None)
     studies, skipped = select_studies(rows, text_rule=text_rule)
     m = load_bench_model(model, tokenizer, device)
-    result, ranks = evaluate(studies, m, protocol=protocol, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
+    embedder = Embedder(m, device=device, batch_size=batch_size, text_batch_size=batch_size)
+    result, ranks = evaluate(studies, embedder, protocol=protocol, bootstrap=bootstrap, seed=seed,
                              progress=not json_out)
     result["skipped"] = skipped
     result["split"] = split
@@ -120,16 +129,22 @@ def bench_zeroshot(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write zeroshot-<task>.json and evaluated_ids.csv here."),
 ) -> None:
-    """Zero-shot classification with the reference prompts (spec section 5), plus separate prompt variants."""
+    """Zero-shot classification with the reference CXR-CLIP prompts, plus separately reported prompt variants."""
     from cxr_search.datasets.manifest import read_manifest
-    from cxr_search.evaluation.zeroshot import check_task, render_tables, run_zeroshot, select_rows, write_outputs
+    from cxr_search.evaluation.zeroshot import render_tables, run_zeroshot, select_rows, write_outputs
+    from cxr_search.evaluation.zeroshot_prompts import check_task
+    from cxr_search.inference import Embedder
 
     check_task(task)  # before loading anything, so a typo fails fast
     rows = select_rows(read_manifest(manifest), task, split)
+    if batch_size < 1:
+        from cxr_search.errors import ConfigError
+
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     clip = load_bench_model(model, tokenizer, device)
+    embedder = Embedder(clip, device=device, batch_size=batch_size)
     result = {"model": model, "model_fingerprint": getattr(clip, "provenance", {}).get("fingerprint"),
-              "split": split, **run_zeroshot(rows, clip, task, batch_size=batch_size, device=device,
-                                             progress=not json_out)}  # fmt: skip
+              "split": split, **run_zeroshot(rows, embedder, task, progress=not json_out)}  # fmt: skip
     if out is not None:
         json_path, ids_path = write_outputs(result, rows, out)
         console.print(f"wrote {json_path} and {ids_path}", highlight=False)

@@ -1,8 +1,8 @@
 """Retrieval benchmark: the CXR-CLIP reference protocol exactly, and a fuller protocol beside it.
 
-``cxr-clip`` (spec section 5) — image -> text only. One item per study that has a text: the study's
-first image in manifest order (the "first image of a study row"), and its text: "Report Impression"
-for CheXpert 5x200, the LONGER of findings and impression for MIMIC-CXR, OpenI and everything else.
+``cxr-clip`` (``docs/compatibility.md`` section 5) — image -> text only. One item per study that has a
+text: the study's first image in manifest order (the "first image of a study row"), and its text:
+"Report Impression" for CheXpert 5x200, the LONGER of findings and impression for MIMIC-CXR, OpenI and everything else.
 The candidate pool is the evaluated texts de-duplicated by exact string; an image's positive is its
 own text's string. Recall@1/5/10 and mean rank.
 
@@ -24,19 +24,16 @@ The result dict is deterministic (no timings, floats rounded) so a rerun gives i
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 
 from cxr_search.datasets.manifest import ManifestRow
-from cxr_search.errors import DatasetError, InputFileError
+from cxr_search.errors import DatasetError
 from cxr_search.evaluation.retrieval_metrics import bootstrap_recall, dedup_exact, ranks_from_scores, recall_at_k
-from cxr_search.evaluation.retrieval_protocol import EvalStudy, evaluated_ids, select_studies
+from cxr_search.evaluation.retrieval_protocol import EvalStudy, select_studies
 from index.ann.vector_index import VectorIndex
 
 logger = logging.getLogger(__name__)
@@ -100,7 +97,7 @@ class _Embedded:
     texts: np.ndarray  # [S, D], one per study (duplicates embedded once)
 
 
-def _embed(studies: List[EvalStudy], model: Any, first_only: bool, batch_size: int, progress: bool) -> _Embedded:
+def _embed(studies: List[EvalStudy], embedder: Any, first_only: bool, progress: bool) -> _Embedded:
     paths: List[str] = []
     owner: List[int] = []
     for s, study in enumerate(studies):
@@ -108,9 +105,9 @@ def _embed(studies: List[EvalStudy], model: Any, first_only: bool, batch_size: i
             paths.append(row.image_path)
             owner.append(s)
     logger.info("embedding %d images and %d texts", len(paths), len(studies))
-    images = model.embed_images(paths, batch_size=batch_size, progress=progress)  # [N, D]
+    images = embedder.embed_images(paths, progress=progress)  # [N, D]
     unique, where = dedup_exact([s.text for s in studies])
-    texts = model.embed_texts(unique, batch_size=batch_size)[where]  # [S, D]
+    texts = embedder.embed_texts(unique)[where]  # [S, D]
     return _Embedded(studies, np.asarray(owner, dtype=np.int64), np.asarray(images, np.float32),
                      np.asarray(texts, np.float32))
 
@@ -146,9 +143,12 @@ def _directions(image_vecs: np.ndarray, image_study: np.ndarray, texts: List[str
     return metrics, ranks
 
 
-def evaluate(studies: List[EvalStudy], model: Any, *, protocol: str = "full", bootstrap: int = 1000, seed: int = 0,
-             batch_size: int = 32, progress: bool = False) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+def evaluate(studies: List[EvalStudy], embedder: Any, *, protocol: str = "full", bootstrap: int = 1000, seed: int = 0,
+             progress: bool = False) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """Run a protocol on selected studies.
+
+    ``embedder``: a :class:`cxr_search.inference.Embedder` whose model has a tokenizer, or anything
+    with its ``embed_images(paths, progress=...)`` and ``embed_texts(texts)``.
 
     Returns:
         ``(result, ranks)``: the JSON-ready result (see :func:`run_retrieval`) and the headline ranks
@@ -158,7 +158,7 @@ def evaluate(studies: List[EvalStudy], model: Any, *, protocol: str = "full", bo
         raise DatasetError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if len(studies) < 2:
         raise DatasetError(f"retrieval needs at least 2 studies with a report text, found {len(studies)}")
-    emb = _embed(studies, model, protocol == "cxr-clip", batch_size, progress)
+    emb = _embed(studies, embedder, protocol == "cxr-clip", progress)
     texts = [s.text for s in studies]
     result: Dict[str, Any] = {"protocol": protocol, "ks": list(KS), "studies": len(studies),
                               "images": int(len(emb.images)), "unique_texts": len(dedup_exact(texts)[0])}
@@ -192,18 +192,17 @@ def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: metrics[k] for k in ("R@1", "R@5", "R@10", "mean_rank")}
 
 
-def run_retrieval(rows: Sequence[ManifestRow], model: Any, *, protocol: str = "full", bootstrap: int = 1000,
-                  seed: int = 0, batch_size: int = 32, progress: bool = False,
-                  text_rule: str = "auto") -> Dict[str, Any]:
+def run_retrieval(rows: Sequence[ManifestRow], embedder: Any, *, protocol: str = "full", bootstrap: int = 1000,
+                  seed: int = 0, progress: bool = False, text_rule: str = "auto") -> Dict[str, Any]:
     """Run the retrieval benchmark on manifest rows (already restricted to the evaluated split).
 
     Args:
         rows: Manifest rows; studies without a text are left out (counted in ``skipped``).
-        model: A :class:`cxr_search.model.CXRClip` with a tokenizer.
+        embedder: A :class:`cxr_search.inference.Embedder` whose model has a tokenizer (its batch sizes,
+            device and precision are the embedding's), or anything with its ``embed_images`` / ``embed_texts``.
         protocol: ``"cxr-clip"`` (the reference) or ``"full"``.
         bootstrap: Bootstrap resamples for the 95 % intervals (``full`` only; 0 = none).
         seed: Seed of the bootstrap.
-        batch_size: Embedding batch size.
         progress: Show progress bars.
         text_rule: ``"auto"`` (the reference rule per dataset) or a rule of
             :func:`cxr_search.reports.choose_report_text`.
@@ -218,7 +217,6 @@ def run_retrieval(rows: Sequence[ManifestRow], model: Any, *, protocol: str = "f
         DatasetError: Unknown protocol or text rule, fewer than 2 studies with a text.
     """
     studies, skipped = select_studies(rows, text_rule=text_rule)
-    result, _ = evaluate(studies, model, protocol=protocol, bootstrap=bootstrap, seed=seed, batch_size=batch_size,
-                         progress=progress)
+    result, _ = evaluate(studies, embedder, protocol=protocol, bootstrap=bootstrap, seed=seed, progress=progress)
     result["skipped"] = skipped
     return result

@@ -3,13 +3,13 @@
 * **Encoders**: images/s and texts/s of the public inference API (``embed_images`` on in-memory 8-bit
   images, so preprocessing is included and file decoding is not; ``embed_texts`` on report-like
   sentences) after one warm-up batch. Used by ``benchmarks/bench_encoders.py`` too.
-* **Text queries**: p50/p99 latency of one query, ``model.embed_texts([q])``, with the int8 text encoder
+* **Text queries**: p50/p99 latency of one query, ``embedder.embed_texts([q])``, with the int8 text encoder
   (the CPU default of interactive search) and in fp32, and the smallest cosine between the two.
 * **Search**: on ``n`` seeded clustered unit vectors of the model's embedding size
   (:func:`index.ann.reference.clustered_unit_vectors`, nearest-neighbour cosine ~0.9 like image
   embeddings) and held-out queries from the same clusters: build time, p50/p99 latency of single-query
   searches, and 10-recall@10 against a brute-force numpy search (:func:`index.ann.reference.exact_search`)
-  of an exact ``Flat`` index, of the engine's automatic choice for ``n`` (:func:`index.ann.factory.build_index`
+  of an exact ``Flat`` index, of the engine's automatic choice for ``n`` (:func:`index.ann.build.build_index`
   with ``factory=None``: ``Flat`` up to 100,000 vectors) and, when that is ``Flat``, of the ANN index the
   engine would choose beyond the exact threshold, sized for ``n`` (IVF lists for ``n``, tuned the same way).
 
@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from cxr_search.errors import ConfigError
+from cxr_search.inference import Embedder, resolve_precision
 from cxr_search.model import CXRClip, create_model
 
 logger = logging.getLogger(__name__)
@@ -86,24 +87,26 @@ def _rate(fn: Callable[[], Any], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def encoder_embedder(model: CXRClip, *, precision: str, batch_size: int) -> Embedder:
+    """The CPU Embedder the encoder benchmark measures: ``batch_size`` images or texts per forward pass."""
+    return Embedder(model, device="cpu", precision=precision, batch_size=batch_size, text_batch_size=batch_size)
+
+
 def measure_encoder(
-    model: CXRClip,
+    embedder: Embedder,
     preset: str,
     images: Sequence[Image.Image],
     texts: Sequence[str],
-    *,
-    precision: str,
-    batch_size: int,
 ) -> "tuple[EncoderSpeed, np.ndarray, np.ndarray]":
-    """Throughput of one model at one precision on CPU; returns the row and the embeddings."""
-    kw = dict(batch_size=batch_size, device="cpu", precision=precision)
-    model.embed_images(list(images[:batch_size]), **kw)  # warm-up (oneDNN primitives, channels-last)
-    model.embed_texts(list(texts[:batch_size]), **kw)
+    """Throughput of one Embedder (see :func:`encoder_embedder`); returns the row and the embeddings."""
+    batch_size = embedder.batch_size
+    embedder.embed_images(list(images[:batch_size]))  # warm-up (oneDNN primitives)
+    embedder.embed_texts(list(texts[:batch_size]))
     img_emb: Dict[str, np.ndarray] = {}
     txt_emb: Dict[str, np.ndarray] = {}
-    ips = _rate(lambda: img_emb.setdefault("x", model.embed_images(list(images), **kw)), len(images))
-    tps = _rate(lambda: txt_emb.setdefault("x", model.embed_texts(list(texts), **kw)), len(texts))
-    row = EncoderSpeed(preset, precision, round(ips, 2), round(tps, 2), torch.get_num_threads(), batch_size,
+    ips = _rate(lambda: img_emb.setdefault("x", embedder.embed_images(list(images))), len(images))
+    tps = _rate(lambda: txt_emb.setdefault("x", embedder.embed_texts(list(texts))), len(texts))
+    row = EncoderSpeed(preset, embedder.precision, round(ips, 2), round(tps, 2), torch.get_num_threads(), batch_size,
                        len(images), len(texts))
     return row, img_emb["x"], txt_emb["x"]
 
@@ -154,7 +157,8 @@ def encoder_benchmark(
         model = create_model(preset, tokenizer=bench_tokenizer(preset))
         embs = {}
         for precision in precisions:
-            row, ie, te = measure_encoder(model, preset, images, texts, precision=precision, batch_size=batch_size)
+            row, ie, te = measure_encoder(encoder_embedder(model, precision=precision, batch_size=batch_size), preset,
+                                          images, texts)
             logger.info("%s", row)
             rows.append(asdict(row))
             embs[precision] = (ie, te)
@@ -173,9 +177,9 @@ def _percentiles_ms(seconds: Sequence[float]) -> Dict[str, float]:
             "mean_ms": round(float(ms.mean()), 3)}
 
 
-def text_query_latency(model: CXRClip, n_queries: int = 20, precisions: Sequence[str] = ("int8", "fp32")
+def text_query_latency(embedder: Embedder, n_queries: int = 20, precisions: Sequence[str] = ("int8", "fp32")
                        ) -> Dict[str, Any]:
-    """Single-query ``embed_texts([q], precision=...)`` latency on CPU, after one warm-up query each.
+    """Single-query ``embed_texts([q], precision=...)`` latency of a CPU Embedder, after one warm-up query each.
 
     Returns:
         ``{precision: {p50_ms, p99_ms, mean_ms}, "queries": n, "min_cosine_int8_vs_fp32": c}``.
@@ -184,11 +188,11 @@ def text_query_latency(model: CXRClip, n_queries: int = 20, precisions: Sequence
     out: Dict[str, Any] = {"queries": n_queries}
     embs: Dict[str, np.ndarray] = {}
     for precision in precisions:
-        model.embed_texts([queries[0]], device="cpu", precision=precision)  # warm-up (int8: quantises once)
+        embedder.embed_texts([queries[0]], precision=precision)  # warm-up (int8: quantises once)
         times, rows = [], []
         for q in queries:
             t0 = time.perf_counter()
-            rows.append(model.embed_texts([q], device="cpu", precision=precision)[0])
+            rows.append(embedder.embed_texts([q], precision=precision)[0])
             times.append(time.perf_counter() - t0)
         out[precision] = _percentiles_ms(times)
         embs[precision] = np.stack(rows)
@@ -227,10 +231,10 @@ def search_benchmark(n: int, dim: int, *, n_queries: int = 200, k: int = 10, see
     Raises:
         ConfigError: ``n`` < ``k`` or ``n_queries`` < 1.
     """
-    from index.ann.vector_index import VectorIndex
-    from index.ann.reference import clustered_unit_vectors, exact_search, k_recall_at_k
     from index.ann.build import build_index
     from index.ann.factory import EXACT_THRESHOLD, choose_factory, choose_nlist, with_nlist
+    from index.ann.reference import clustered_unit_vectors, exact_search, k_recall_at_k
+    from index.ann.vector_index import VectorIndex
 
     if k < 1 or n < k or n_queries < 1:
         raise ConfigError(f"the search benchmark needs --index-size >= {k} and >= 1 query, got {n} and {n_queries}")
@@ -342,8 +346,6 @@ def speed_benchmark(
     Raises:
         ConfigError: Unknown preset or precision, or sizes out of range.
     """
-    from cxr_search.model import resolve_precision
-
     if precision not in ("fp32", "bf16", "auto"):
         raise ConfigError(f"unknown precision {precision!r}; choose fp32, bf16 or auto")
     if n_images < 1 or n_texts < 1 or batch_size < 1 or index_size < 0 or text_queries < 0:
@@ -369,14 +371,15 @@ def speed_benchmark(
         say(f"{preset}: building the model (random weights)")
         model = bench_model(preset, seed)
         say(f"{preset}: encoder throughput ({n_images} images, {n_texts} texts, {resolved})")
-        row, _, _ = measure_encoder(model, preset, images, texts, precision=resolved, batch_size=batch_size)
+        embedder = encoder_embedder(model, precision=resolved, batch_size=batch_size)
+        row, _, _ = measure_encoder(embedder, preset, images, texts)
         result["encoders"].append({**asdict(row), "embed_dim": model.config.embed_dim})
         if text_queries:
             say(f"{preset}: text-query latency ({text_queries} queries, int8 and fp32)")
-            result["text_query"][preset] = text_query_latency(model, text_queries)
+            result["text_query"][preset] = text_query_latency(embedder, text_queries)
         if model.config.embed_dim not in dims:
             dims.append(model.config.embed_dim)
-        del model
+        del model, embedder  # the Embedder holds the model too: free both before the next preset
     if index_size:
         import faiss
 
@@ -397,7 +400,7 @@ def render_speed(result: Dict[str, Any]) -> List[Any]:
         enc.add_column(col, justify="left" if col == "preset" else "right")
     for row in result["encoders"]:
         tq = result["text_query"].get(row["preset"], {})
-        fmt = lambda p: f"{tq[p]['p50_ms']:.1f} / {tq[p]['p99_ms']:.1f}" if p in tq else ""  # noqa: E731
+        fmt = lambda p, tq=tq: f"{tq[p]['p50_ms']:.1f} / {tq[p]['p99_ms']:.1f}" if p in tq else ""  # noqa: E731
         enc.add_row(row["preset"], str(row["embed_dim"]), f"{row['images_per_s']:.2f}", f"{row['texts_per_s']:.2f}",
                     fmt("int8"), fmt("fp32"))
     out.append(enc)
@@ -416,6 +419,6 @@ def render_speed(result: Dict[str, Any]) -> List[Any]:
 
 
 __all__ = [
-    "EncoderSpeed", "bench_model", "bench_tokenizer", "encoder_benchmark", "measure_encoder", "render_speed",
-    "search_benchmark", "speed_benchmark", "synthetic_images", "synthetic_texts", "text_query_latency",
+    "EncoderSpeed", "bench_model", "bench_tokenizer", "encoder_benchmark", "encoder_embedder", "measure_encoder",
+    "render_speed", "search_benchmark", "speed_benchmark", "synthetic_images", "synthetic_texts", "text_query_latency",
 ]

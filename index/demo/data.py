@@ -29,7 +29,8 @@ from cxr_search.datasets.pacs import prepare_pacs
 from cxr_search.datasets.splits import holdout_split, unique_in_order
 from cxr_search.errors import DatasetError, InputFileError
 from cxr_search.fileio import write_json_atomic
-from cxr_search.synth import FINDINGS, SynthSummary, synthesize
+from cxr_search.synth import SynthSummary, synthesize
+from cxr_search.synth.findings import FINDINGS
 
 logger = logging.getLogger(__name__)
 

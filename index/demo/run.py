@@ -34,6 +34,7 @@ from cxr_search.datasets import read_manifest
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.errors import ConfigError, TrainingError
 from cxr_search.fileio import write_json_atomic
+from cxr_search.inference import Embedder
 from cxr_search.model import CXRClip
 from cxr_search.reports import choose_report_text
 from index.demo import data as dd
@@ -236,14 +237,16 @@ def run_demo(out_dir: Union[str, Path], *, train_fn: TrainFn, options: Optional[
     result.failures = _failures(root)
     result.broken_files = _broken_check(root, result.archive.get("broken_files", []), result.failures)
     truth = dd.read_truth(root)
-    queries = _queries(root, model, rows, truth, opts)
+    # One CPU Embedder serves the queries and the benchmark (the index build makes its own from its options).
+    embedder = Embedder(model, device="cpu", batch_size=64, text_batch_size=64)
+    queries = _queries(root, embedder, rows, truth, opts)
     result.queries = [q.to_dict() for q in queries]
     result.timings_s["queries"] = round(time.perf_counter() - t0, 2)
 
     t0 = time.perf_counter()
     say_ = say or (lambda _msg: None)
     say_("bench: retrieval on the held-out split (full protocol)")
-    result.retrieval = _retrieval([r for r in rows if r.split == dd.TEST_SPLIT], model, opts)
+    result.retrieval = _retrieval([r for r in rows if r.split == dd.TEST_SPLIT], embedder, opts)
     result.timings_s["bench"] = round(time.perf_counter() - t0, 2)
 
     t0 = time.perf_counter()
@@ -302,7 +305,7 @@ def _broken_check(root: Path, broken: Sequence[str], failures: Sequence[Mapping[
     apart (``report_objects``), not as a missing failure.
     """
     from cxr_search.datasets.pacs import is_structured_report
-    from cxr_search.dicom.read import read_dicom_header
+    from cxr_search.dicom.header import read_dicom_header
     from cxr_search.errors import InputFileError
 
     recorded = {f["path"] for f in failures}
@@ -320,13 +323,13 @@ def _broken_check(root: Path, broken: Sequence[str], failures: Sequence[Mapping[
             "report_objects": reports, "not_recorded": missing}
 
 
-def _queries(root: Path, model: CXRClip, rows: Sequence[ManifestRow], truth: Mapping[str, dd.Truth],
+def _queries(root: Path, embedder: Embedder, rows: Sequence[ManifestRow], truth: Mapping[str, dd.Truth],
              opts: DemoOptions) -> List[QueryResult]:
     from index.search import Searcher
 
     query_row = dd.pick_query_image(rows, truth)
     report = choose_report_text(query_row.findings or None, query_row.impression or None) or query_row.report_text
-    searcher = Searcher(root / INDEX, model, device="cpu")
+    searcher = Searcher(root / INDEX, embedder)
     try:
         out = run_text_queries(searcher, root / dd.ARCHIVE, truth, k=opts.k)
         out += run_image_queries(searcher, root / dd.ARCHIVE, truth, query_row.image_path, query_row.study_id, report,
@@ -336,14 +339,13 @@ def _queries(root: Path, model: CXRClip, rows: Sequence[ManifestRow], truth: Map
     return out
 
 
-def _retrieval(rows: Sequence[ManifestRow], model: CXRClip, opts: DemoOptions) -> Dict[str, Any]:
+def _retrieval(rows: Sequence[ManifestRow], embedder: Embedder, opts: DemoOptions) -> Dict[str, Any]:
     """The retrieval benchmark, full protocol, on the held-out rows (``cxr-search bench retrieval --protocol full``)."""
     from index.bench.retrieval import run_retrieval
 
-    res = run_retrieval(rows, model, protocol="full", bootstrap=opts.bootstrap, seed=opts.seed, batch_size=64,
+    res = run_retrieval(rows, embedder, protocol="full", bootstrap=opts.bootstrap, seed=opts.seed,
                         progress=opts.progress)
     return {"split": dd.TEST_SPLIT, **res}
 
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_STUDIES", "DemoOptions", "DemoResult", "RECIPE", "TrainFn", "TrainRequest",
-           "run_demo"]
+__all__ = ["DemoOptions", "DemoResult", "RECIPE", "TrainFn", "TrainRequest", "run_demo"]

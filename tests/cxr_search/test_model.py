@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ from PIL import Image
 from cxr_search.checkpoints import load_model, model_fingerprint, save_model
 from cxr_search.config import ModelConfig, get_model_config, list_models, parse_set_options
 from cxr_search.errors import CheckpointError, ConfigError, ImageReadError, TokenizerError
+from cxr_search.images import eval_transform
+from cxr_search.inference import Embedder, cpu_has_fast_bf16, resolve_precision
 from cxr_search.model import create_model
 from cxr_search.tokenizer import TextTokenizer, basic_vocab
-from cxr_search.towers import TEXT_POOLING
-from cxr_search.images import eval_transform
+from cxr_search.towers import IMAGE_BACKENDS, TEXT_POOLING, ImageTower
 
 
 def test_registry_has_released_and_small_presets():
@@ -50,14 +52,14 @@ def test_overrides_change_config_and_unknown_keys_fail():
 
 def test_tiny_is_seeded_and_embeddings_are_normalised():
     a, b = create_model("tiny"), create_model("tiny")
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=False):
         assert ka == kb and torch.equal(va, vb)
     texts = ["Large right pleural effusion.", "no acute process", "cardiomegaly"]
-    emb = a.embed_texts(texts)
+    emb = Embedder(a).embed_texts(texts)
     assert emb.shape == (3, 64) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     img = (np.random.default_rng(0).random((90, 70)) * 4000).astype(np.uint16)
-    out = a.embed_images([img, Image.fromarray((img / 16).astype(np.uint8))], batch_size=1)
+    out = Embedder(a).embed_images([img, Image.fromarray((img / 16).astype(np.uint8))], batch_size=1)
     assert out.shape == (2, 64)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
@@ -74,28 +76,55 @@ def test_text_pooling_matches_naive_loop():
     assert torch.equal(TEXT_POOLING["cls"](hidden, mask), hidden[:, 0])
 
 
+def test_image_backends_are_a_registry_with_actionable_errors():
+    assert set(IMAGE_BACKENDS) == {"timm", "hf_swin"}
+    assert IMAGE_BACKENDS["timm"].channels_last and not IMAGE_BACKENDS["hf_swin"].channels_last
+    cfg = get_model_config("tiny").image
+    with pytest.raises(ConfigError, match="unknown image.backend 'keras'; registered backends: timm, hf_swin"):
+        ImageTower(replace(cfg, backend="keras"))
+    with pytest.raises(ConfigError, match="image.pooling 'first_token' is not supported with backend timm; use avg"):
+        ImageTower(replace(cfg, pooling="first_token"))
+    tower = ImageTower(cfg)
+    assert tower.channels_last and all(k.startswith("trunk.") for k in tower.state_dict())
+    # The swin backend's own pooling choices, on a two-stage toy Swin.
+    swin = get_model_config("cxr-clip-swint").image
+    small = replace(swin, model_kwargs={**swin.model_kwargs, "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 1],
+                                        "image_size": 32, "window_size": 2})
+    with pytest.raises(ConfigError, match="not supported with backend hf_swin; use first_token or mean"):
+        ImageTower(replace(small, pooling="avg"))
+    pixels = torch.randn(2, 3, 32, 32)
+    first, mean = ImageTower(small).eval(), ImageTower(replace(small, pooling="mean")).eval()
+    mean.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        hidden = first.trunk(pixel_values=pixels).last_hidden_state  # [B, N, F]
+        assert torch.equal(first(pixels), hidden[:, 0]) and torch.allclose(mean(pixels), hidden.mean(dim=1))
+    assert first.feature_dim == 16 and not first.channels_last
+
+
 def test_batched_inference_equals_one_by_one_and_workers():
-    model = create_model("tiny")
+    embedder = Embedder(create_model("tiny"))
     rng = np.random.default_rng(1)
     images = [(rng.random((80 + 7 * i, 64 + 5 * i)) * 255).astype(np.uint8) for i in range(5)]
-    batched = model.embed_images(images, batch_size=4)
-    single = np.concatenate([model.embed_images([im]) for im in images])
+    batched = embedder.embed_images(images, batch_size=4)
+    single = np.concatenate([embedder.embed_images([im]) for im in images])
+    # Batch sizes pick differently blocked kernels. The rows are unit vectors, so an absolute tolerance is a
+    # relative one: measured differences <= 6e-8 (AVX2 and AVX-512, one or two threads), 1e-5 leaves 150x.
     np.testing.assert_allclose(batched, single, atol=1e-5)
     texts = ["a", "pleural effusion on the right", "no pneumothorax", "heart size is normal", "b c"]
-    batched_t = model.embed_texts(texts, batch_size=2)
-    single_t = np.concatenate([model.embed_texts([t]) for t in texts])
+    batched_t = embedder.embed_texts(texts, batch_size=2)
+    single_t = np.concatenate([embedder.embed_texts([t]) for t in texts])
     np.testing.assert_allclose(batched_t, single_t, atol=1e-5)
 
 
 def test_bf16_close_to_fp32():
     model = create_model("tiny")
     images = [(np.random.default_rng(i).random((96, 96)) * 255).astype(np.uint8) for i in range(4)]
-    fp32 = model.embed_images(images)
-    bf16 = model.embed_images(images, precision="bf16")
+    fp32 = Embedder(model).embed_images(images)
+    bf16 = Embedder(model, precision="bf16").embed_images(images)
     assert bf16.dtype == np.float32
     assert (fp32 * bf16).sum(1).min() > 0.99
     with pytest.raises(ConfigError, match="precision"):
-        model.embed_images(images, precision="int4")
+        Embedder(model, precision="int4")
 
 
 def test_eval_transform_equals_torchvision():
@@ -110,19 +139,19 @@ def test_eval_transform_equals_torchvision():
 
 
 def test_image_files_and_errors(tmp_path):
-    model = create_model("tiny")
+    embedder = Embedder(create_model("tiny"))
     arr = (np.random.default_rng(0).random((120, 100)) * 255).astype(np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")
     Image.fromarray(arr).save(tmp_path / "b.jpg", quality=95)
     Image.fromarray(arr.astype(np.uint16) * 256).save(tmp_path / "c16.png")
-    emb = model.embed_images([tmp_path / "a.png", str(tmp_path / "b.jpg"), tmp_path / "c16.png"])
+    emb = embedder.embed_images([tmp_path / "a.png", str(tmp_path / "b.jpg"), tmp_path / "c16.png"])
     # A 16-bit PNG of the same content is scaled, not clipped: its embedding stays close.
     assert float(emb[0] @ emb[2]) > 0.99
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ImageReadError, match="broken.png"):
-        model.embed_images([tmp_path / "broken.png"])
+        embedder.embed_images([tmp_path / "broken.png"])
     with pytest.raises(ImageReadError, match="missing.png"):
-        model.embed_images([tmp_path / "missing.png"])
+        embedder.embed_images([tmp_path / "missing.png"])
 
 
 def test_tokenizer_dir_train_and_errors(tmp_path):
@@ -150,7 +179,7 @@ def test_own_format_round_trip_and_errors(tmp_path):
     assert model_fingerprint(again) == model_fingerprint(model)
     assert again.provenance["note"] == "test" and "weights_sha256" in again.provenance
     texts = ["no effusion", "large left effusion"]
-    np.testing.assert_array_equal(model.embed_texts(texts), again.embed_texts(texts))
+    np.testing.assert_array_equal(Embedder(model).embed_texts(texts), Embedder(again).embed_texts(texts))
     # Saving over an existing directory replaces it atomically.
     save_model(again, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
@@ -172,7 +201,7 @@ def test_model_folder_tokenizer_must_be_the_saved_one(tmp_path, caplog):
     texts = ["small right effusion"]
     again = load_model(out)
     assert again.tokenizer.max_length == 32 != model.config.tokenizer.max_length  # the saved tokenizer's, not the config's
-    np.testing.assert_array_equal(again.embed_texts(texts), model.embed_texts(texts))
+    np.testing.assert_array_equal(Embedder(again).embed_texts(texts), Embedder(model).embed_texts(texts))
     vocab = (out / "vocab.txt").read_text(encoding="utf-8")
     (out / "vocab.txt").write_text(vocab + "extra\n", encoding="utf-8")
     with pytest.raises(CheckpointError, match="differ from the ones saved"):
@@ -199,13 +228,11 @@ def test_fingerprint_describes_the_saved_weights_not_a_carried_over_value(tmp_pa
 
 
 def test_auto_precision_never_picks_emulated_bf16():
-    from cxr_search.model import cpu_has_fast_bf16, resolve_precision
-
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ConfigError, match="fp16"):
-        create_model("tiny").embed_texts(["x"], precision="fp16", device="cpu")
+        Embedder(create_model("tiny"), device="cpu").embed_texts(["x"], precision="fp16")
 
 
 def test_dicom_input_goes_through_the_photometric_chain(tmp_path):
@@ -214,30 +241,37 @@ def test_dicom_input_goes_through_the_photometric_chain(tmp_path):
     from cxr_search.dicom.read import read_dicom
     from cxr_search.images import resize_shorter_side
 
-    model = create_model("tiny")
+    embedder = Embedder(create_model("tiny"))
     src = get_testdata_file("CT_small.dcm")
     pixels = read_dicom(src).pixels
     # The DICOM path = read_dicom's 8-bit pixels, resized to the configured shorter side, then the
     # eval transform, exactly as for an 8-bit image given directly.
-    expected_img = resize_shorter_side(Image.fromarray(pixels, mode="L"), model.config.preprocess.dicom_shorter_side)
-    got = model.embed_images([src])
-    np.testing.assert_allclose(got, model.embed_images([expected_img]), atol=1e-6)
+    expected_img = resize_shorter_side(Image.fromarray(pixels, mode="L"), embedder.config.preprocess.dicom_shorter_side)
+    got = embedder.embed_images([src])
+    np.testing.assert_allclose(got, embedder.embed_images([expected_img]), atol=1e-6)
     # Extension-less DICOM files are recognised by their magic bytes.
     copy = tmp_path / "IM0001"
     copy.write_bytes(Path(src).read_bytes())
-    np.testing.assert_allclose(model.embed_images([copy]), got, atol=1e-6)
+    np.testing.assert_allclose(embedder.embed_images([copy]), got, atol=1e-6)
 
 
 def test_int8_query_encoder_is_close_to_fp32_and_tracks_weights():
     model = create_model("tiny")
+    embedder = Embedder(model, device="cpu")
     texts = ["large right pleural effusion", "no acute cardiopulmonary process", "enlarged heart"] * 3
-    fp32 = model.embed_texts(texts, device="cpu")
-    int8 = model.embed_texts(texts, device="cpu", precision="int8")
+    fp32 = embedder.embed_texts(texts)
+    int8 = embedder.embed_texts(texts, precision="int8")
     assert int8.dtype == np.float32 and np.allclose(np.linalg.norm(int8, axis=1), 1, atol=1e-5)
     assert float((fp32 * int8).sum(1).min()) > 0.999
     assert not any("int8" in k for k in model.state_dict())  # the cached copy is not part of the model
+    assert not any("int8" in k for k in vars(model))  # ... nor stored on it: the Embedder keeps it
     with torch.no_grad():  # changing the weights in place rebuilds the quantised copy
         model.text_projection.weight.mul_(-1)
-    flipped = model.embed_texts(texts, device="cpu", precision="int8")
-    assert float((flipped * model.embed_texts(texts, device="cpu")).sum(1).min()) > 0.999
+    flipped = embedder.embed_texts(texts, precision="int8")
+    assert float((flipped * embedder.embed_texts(texts)).sum(1).min()) > 0.999
     assert float((flipped * int8).sum(1).max()) < 0.5
+    # An Embedder whose default text precision is int8 (a CPU query service) gives the same numbers.
+    queries = Embedder(model, device="cpu", text_precision="int8")
+    np.testing.assert_array_equal(queries.embed_texts(texts), flipped)
+    with pytest.raises(ConfigError, match="int8"):
+        Embedder(model, device="cpu", precision="int8")  # int8 is a text-encoder precision only

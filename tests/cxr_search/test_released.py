@@ -15,7 +15,8 @@ from PIL import Image
 
 from cxr_search.checkpoints import load_model, save_model
 from cxr_search.errors import CheckpointError, TokenizerError, UnsafeCheckpointError
-from tests.released_fixtures import Reference, expected_counts, save_released, write_bert_vocab
+from cxr_search.inference import Embedder
+from tests.helpers.released_files import Reference, expected_counts, save_released, write_bert_vocab
 
 try:  # transformers >= 5 keeps the pure-Python tokenizer under this name
     from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as RefTokenizer
@@ -60,12 +61,14 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+@pytest.mark.slow
 def test_released_file_has_spec_layout(released):
     r50, swin = expected_counts()
     assert len(released["state"]) == (r50 if released["backbone"] == "r50" else swin)
     assert released["state"]["text_encoder.text_encoder.embeddings.position_ids"].shape == (1, 512)
 
 
+@pytest.mark.slow
 def test_strict_load_and_embedding_parity(released, vocab_dir):
     model = load_model(released["path"], tokenizer=vocab_dir)
     ref: Reference = released["ref"]
@@ -81,7 +84,8 @@ def test_strict_load_and_embedding_parity(released, vocab_dir):
     images = _images()
     pixels = torch.stack([tf(im.convert("RGB")) for im in images])
     expected = ref.encode_image(pixels).numpy()
-    got = model.embed_images(images, batch_size=3)
+    embedder = Embedder(model)
+    got = embedder.embed_images(images, batch_size=3)
     assert got.dtype == np.float32 and got.shape == (len(images), 512)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert _cos(got, expected).min() >= 0.99999
@@ -93,13 +97,14 @@ def test_strict_load_and_embedding_parity(released, vocab_dir):
     ours_ids = model.tokenizer(TEXTS)
     assert torch.equal(ours_ids["input_ids"], enc["input_ids"])
     expected_t = ref.encode_text(enc["input_ids"], enc["attention_mask"]).numpy()
-    got_t = model.embed_texts(TEXTS, batch_size=2)
+    got_t = embedder.embed_texts(TEXTS, batch_size=2)
     assert _cos(got_t, expected_t).min() >= 0.99999
     # Padding does not change results: one text alone equals its batched embedding.
-    alone = model.embed_texts([TEXTS[3]])
+    alone = embedder.embed_texts([TEXTS[3]])
     assert _cos(alone, got_t[3:4]).min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_convert_then_load_is_identical_and_pickle_free(released, vocab_dir, tmp_path, monkeypatch):
     model = load_model(released["path"], tokenizer=vocab_dir)
     out = save_model(model, tmp_path / "converted")
@@ -112,20 +117,23 @@ def test_convert_then_load_is_identical_and_pickle_free(released, vocab_dir, tmp
     monkeypatch.setattr(pickle, "load", no_pickle)
     again = load_model(out)
     images = _images()
-    assert np.array_equal(model.embed_images(images), again.embed_images(images))
-    assert np.array_equal(model.embed_texts(TEXTS), again.embed_texts(TEXTS))
+    ours, theirs = Embedder(model), Embedder(again)
+    assert np.array_equal(ours.embed_images(images), theirs.embed_images(images))
+    assert np.array_equal(ours.embed_texts(TEXTS), theirs.embed_texts(TEXTS))
     assert again.provenance["source_sha256"] == model.provenance["source_sha256"]
     assert again.provenance["fingerprint"] == model.provenance["fingerprint"]
 
 
+@pytest.mark.slow
 def test_missing_tokenizer_says_what_to_pass(released):
     with pytest.raises(TokenizerError, match="--tokenizer"):
         load_model(released["path"])
     images_only = load_model(released["path"], require_tokenizer=False)
     with pytest.raises(TokenizerError, match="--tokenizer"):
-        images_only.embed_texts(["no effusion"])
+        Embedder(images_only).embed_texts(["no effusion"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "unexpected", "shape"])
 def test_mismatching_tensors_are_named(released, vocab_dir, tmp_path, case):
     state = dict(released["state"])

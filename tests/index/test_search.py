@@ -12,15 +12,13 @@ from sqlalchemy import select
 
 import cli
 from cxr_search.errors import ConfigError, SearchIndexError
+from cxr_search.inference import Embedder
 from cxr_search.model import create_model
 from index.build import BuildOptions, build
 from index.search import Searcher, parse_filters
 from index.store import EMBEDDED, Image, Study
-from tests import index_fixtures as fx
-from tests.index_fixtures import DB_PARAMS, db_url_for, ground_truth
+from tests.helpers.index_data import DB_PARAMS, db_url_for, ground_truth
 
-pacs_archive = fx.pacs_archive  # shared fixtures
-tiny_model = fx.tiny_model
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -42,9 +40,14 @@ def built(request, pacs_archive: Path, tiny_model, tmp_path_factory: pytest.Temp
     return out, db_url
 
 
+@pytest.fixture(scope="module")
+def tiny_embedder(tiny_model) -> Embedder:
+    return Embedder(tiny_model)
+
+
 @pytest.fixture()
-def searcher(built, tiny_model):
-    s = Searcher(built[0], tiny_model, db_url=built[1], text_precision="fp32")  # exactness tests
+def searcher(built, tiny_embedder):
+    s = Searcher(built[0], tiny_embedder, db_url=built[1], text_precision="fp32")  # exactness tests
     yield s
     s.close()
 
@@ -66,9 +69,9 @@ def _brute(query: np.ndarray, ids: np.ndarray, vecs: np.ndarray, allowed, k: int
     return ids[mask][order], scores[order]
 
 
-def test_text_search_equals_brute_force(searcher: Searcher, tiny_model) -> None:
+def test_text_search_equals_brute_force(searcher: Searcher, tiny_embedder) -> None:
     table, ids, vecs = _image_table(searcher)
-    q = tiny_model.embed_texts(["large right pleural effusion"])
+    q = tiny_embedder.embed_texts(["large right pleural effusion"])
     hits = searcher.search_text("large right pleural effusion", k=5)
     want_ids, want_scores = _brute(q, ids, vecs, table.keys(), 5)
     assert [h.id for h in hits] == list(want_ids)
@@ -78,7 +81,7 @@ def test_text_search_equals_brute_force(searcher: Searcher, tiny_model) -> None:
 
 
 @pytest.mark.parametrize("spec", [["view=PA"], ["sex=F"], ["age=40-70"], ["view=LATERAL", "sex=M"], ["since=2015-01-01"]])
-def test_filters_return_k_matching_hits(spec, searcher: Searcher, tiny_model) -> None:
+def test_filters_return_k_matching_hits(spec, searcher: Searcher, tiny_embedder) -> None:
     table, ids, vecs = _image_table(searcher)
     f = parse_filters(spec)
 
@@ -91,7 +94,7 @@ def test_filters_return_k_matching_hits(spec, searcher: Searcher, tiny_model) ->
     allowed = {i for i, row in table.items() if ok(row)}
     assert allowed, f"no image matches {spec}: make the fixture bigger"
     k = min(4, len(allowed))
-    q = tiny_model.embed_texts(["no acute cardiopulmonary process"])
+    q = tiny_embedder.embed_texts(["no acute cardiopulmonary process"])
     hits = searcher.search_text("no acute cardiopulmonary process", k=k, filters=f)
     assert len(hits) == k
     assert {h.id for h in hits} <= allowed
@@ -131,27 +134,27 @@ def test_bad_queries_are_refused(searcher: Searcher) -> None:
         searcher.search_text("effusion", level="series")
 
 
-def test_model_mismatch_and_damaged_files_are_refused(built, tiny_model, tmp_path: Path) -> None:
+def test_model_mismatch_and_damaged_files_are_refused(built, tiny_model, tiny_embedder, tmp_path: Path) -> None:
     index_dir, db_url = built
     other = create_model("tiny", init_seed=7)
     other.provenance = {}
     with pytest.raises(SearchIndexError, match="index built with model"):
-        Searcher(index_dir, other, db_url=db_url)
+        Searcher(index_dir, Embedder(other), db_url=db_url)
     resized = create_model("tiny", preprocess={"resize": 72, "crop_size": 72})
     resized.load_state_dict(tiny_model.state_dict())
     resized.provenance = {}
     with pytest.raises(SearchIndexError):
-        Searcher(index_dir, resized, db_url=db_url)
+        Searcher(index_dir, Embedder(resized), db_url=db_url)
     copy = tmp_path / "index"
     shutil.copytree(index_dir, copy)  # the FAISS files are damaged below; the store is only read
     (copy / "sections.faiss").unlink()
     with pytest.raises(SearchIndexError, match="sections.faiss"):
-        Searcher(copy, tiny_model, db_url=db_url)
+        Searcher(copy, tiny_embedder, db_url=db_url)
     (copy / "sections.faiss").write_bytes(b"garbage")
     with pytest.raises(SearchIndexError, match="sections.faiss"):
-        Searcher(copy, tiny_model, db_url=db_url)
+        Searcher(copy, tiny_embedder, db_url=db_url)
     with pytest.raises(SearchIndexError, match="not an index folder"):
-        Searcher(tmp_path / "nothing", tiny_model)
+        Searcher(tmp_path / "nothing", tiny_embedder)
 
 
 def test_cli_build_search_verify(pacs_archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -13,28 +13,26 @@ import pytest
 from PIL import Image
 
 import cli
-from cxr_search.evaluation.classification_metrics import accuracy, auroc, average_ranks, confusion_counts, f1_score
 from cxr_search.datasets import write_manifest
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.errors import ConfigError, DatasetError
-from cxr_search.labels import VINDR_CLASSES
-from cxr_search.evaluation.zeroshot import (
+from cxr_search.evaluation.classification_metrics import accuracy, auroc, average_ranks, confusion_counts, f1_score
+from cxr_search.evaluation.zeroshot import binary_probabilities, run_zeroshot, select_rows
+from cxr_search.evaluation.zeroshot_prompts import (
     CHEXPERT5X200_CLASSES,
     NEGATION_SAFE_PROMPTS,
-    binary_probabilities,
     gloria_chexpert_prompts,
     load_prompt_bank,
     reference_binary_prompts,
-    run_zeroshot,
-    select_rows,
 )
+from cxr_search.labels import VINDR_CLASSES
 
 # ------------------------------------------------------------------------------------ naive metrics
 
 
 def naive_auroc(y: Sequence[int], s: Sequence[float]) -> float:
-    pos = [si for yi, si in zip(y, s) if yi]
-    neg = [si for yi, si in zip(y, s) if not yi]
+    pos = [si for yi, si in zip(y, s, strict=False) if yi]
+    neg = [si for yi, si in zip(y, s, strict=False) if not yi]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
 
@@ -44,9 +42,9 @@ def naive_ranks(x: Sequence[float]) -> List[float]:
 
 
 def naive_f1(y: Sequence[int], p: Sequence[int]) -> float:
-    tp = sum(1 for a, b in zip(y, p) if a and b)
-    fp = sum(1 for a, b in zip(y, p) if not a and b)
-    fn = sum(1 for a, b in zip(y, p) if a and not b)
+    tp = sum(1 for a, b in zip(y, p, strict=False) if a and b)
+    fp = sum(1 for a, b in zip(y, p, strict=False) if not a and b)
+    fn = sum(1 for a, b in zip(y, p, strict=False) if a and not b)
     return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 

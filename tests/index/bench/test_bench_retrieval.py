@@ -14,8 +14,8 @@ from PIL import Image
 import cli
 from cxr_search.datasets import prepare, write_manifest
 from cxr_search.evaluation.retrieval_metrics import bootstrap_recall, dedup_exact, positive_ranks, ranks_from_scores
-from cxr_search.synth import synthesize
 from cxr_search.evaluation.retrieval_protocol import evaluated_ids, select_studies
+from cxr_search.synth import synthesize
 from index.bench.retrieval import engine_ranks, evaluate, run_retrieval
 
 
@@ -266,6 +266,7 @@ def run_cli(args: List[str], capsys: pytest.CaptureFixture) -> tuple:
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_cli_both_protocols_rerun_identically_and_ids_reproduce(synth_manifest: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     base = ["bench", "retrieval", str(synth_manifest), "--model", "tiny", "--json", "--batch-size", "8"]
@@ -308,9 +309,10 @@ def test_cli_human_output_and_bad_input(synth_manifest: Path, capsys: pytest.Cap
 
 def test_run_retrieval_api(synth_manifest: Path) -> None:
     from cxr_search.datasets import read_manifest
+    from cxr_search.inference import Embedder
     from cxr_search.model import create_model
 
-    result = run_retrieval(read_manifest(synth_manifest), create_model("tiny"), protocol="full", bootstrap=0)
+    result = run_retrieval(read_manifest(synth_manifest), Embedder(create_model("tiny")), protocol="full", bootstrap=0)
     assert set(result["headline"]) == {"image_to_text", "text_to_image"}
     assert set(result["headline"]["text_to_image"]) == {"R@1", "R@5", "R@10", "mean_rank"}
     assert result["skipped"] == {"studies_without_text": 0}

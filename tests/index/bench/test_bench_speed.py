@@ -56,7 +56,7 @@ def test_search_recall_is_measured_against_brute_force():
     ids = np.arange(500) * 7 + 3
     _, top = exact_search(x, ids, q, 10)
     slow = ids[np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]]
-    assert all(set(a) == set(b) for a, b in zip(top, slow))
+    assert all(set(a) == set(b) for a, b in zip(top, slow, strict=False))
 
 
 def test_table_output_and_user_errors(capsys):

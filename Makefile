@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test test-fast lint install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ install-dev: $(VENV)/.installed-dev
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+# The quick loop: everything but the slow, end-to-end and multi-process tests (markers in setup.cfg).
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow and not e2e and not ddp"
+
+# pyflakes, import order and bugbear (rules in pyproject.toml); CI runs it before the tests.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
 
 demo: $(VENV)/.installed
 	$(BIN)/cxr-search demo --out demo-out

@@ -1,7 +1,8 @@
-"""Training augmentation of the reference recipe (spec section 4).
+"""Training augmentation of the reference CXR-CLIP recipe (``docs/compatibility.md`` section 4).
 
 ``RandomResizedCrop(crop, scale 0.8-1.1) -> CLAHE (p 0.5, clip limit uniform in [1, 4], 8x8 tiles)
--> ColorJitter(0.1, 0.2, 0.2, 0.1) -> [0, 1] tensor -> Normalize(mean, std)``, on the 8-bit PIL image
+-> ColorJitter(0.1, 0.2, 0.2, 0.1) -> [0, 1] tensor -> Normalize(mean, std)`` (the defaults of
+:class:`train.config.AugmentConfig`, which holds them), on the 8-bit PIL image
 that :func:`cxr_search.images.load_image` returns. There is deliberately NO horizontal flip: the
 side of the heart, of a pneumothorax or of a line matters in a radiograph, and a flipped image with an
 unflipped report teaches the model wrong laterality.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -32,6 +33,7 @@ from torchvision.transforms import InterpolationMode
 from cxr_search.config import PreprocessConfig
 from cxr_search.errors import ConfigError
 from cxr_search.images import pil_filter
+from train.config import AugmentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +88,14 @@ def _check_range(name: str, values: Sequence[float], low: float, high: float = m
 class TrainTransform:
     """The training augmentation as a picklable callable (DataLoader workers may be spawned).
 
-    Build it with :func:`train_transform`; the attributes mirror its arguments.
+    Build it with :func:`train_transform`; ``scale``, ``clahe_p``, ``clahe_clip``, ``clahe_tiles`` and
+    ``jitter`` hold the validated settings of its :class:`~train.config.AugmentConfig`.
     """
 
-    def __init__(
-        self,
-        preprocess: PreprocessConfig,
-        *,
-        scale: Tuple[float, float] = (0.8, 1.1),
-        clahe_p: float = 0.5,
-        clahe_clip: Tuple[float, float] = (1.0, 4.0),
-        clahe_tiles: int = 8,
-        jitter: Tuple[float, float, float, float] = (0.1, 0.2, 0.2, 0.1),
-    ) -> None:
+    def __init__(self, preprocess: PreprocessConfig, augment: Optional[AugmentConfig] = None) -> None:
+        augment = AugmentConfig() if augment is None else augment
+        scale, clahe_p, clahe_clip = augment.scale, augment.clahe_p, augment.clahe_clip
+        clahe_tiles, jitter = augment.clahe_tiles, augment.jitter
         self.scale = _check_range("scale", scale, 1e-6)
         if not 0.0 <= clahe_p <= 1.0:
             raise ConfigError(f"augmentation 'clahe_p' must be in [0, 1], got {clahe_p}")
@@ -155,29 +152,21 @@ class TrainTransform:
 
 
 def train_transform(
-    preprocess: PreprocessConfig,
-    *,
-    scale: Tuple[float, float] = (0.8, 1.1),
-    clahe_p: float = 0.5,
-    clahe_clip: Tuple[float, float] = (1.0, 4.0),
-    clahe_tiles: int = 8,
-    jitter: Tuple[float, float, float, float] = (0.1, 0.2, 0.2, 0.1),
+    preprocess: PreprocessConfig, augment: Optional[AugmentConfig] = None
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """The reference training augmentation (spec section 4), without any flip.
+    """The reference training augmentation, without any flip.
 
-    ``RandomResizedCrop(preprocess.crop_size, scale, default ratio 3/4-4/3)`` -> CLAHE with
-    probability ``clahe_p`` and a clip limit uniform in ``clahe_clip`` on ``clahe_tiles`` x
-    ``clahe_tiles`` tiles -> ``ColorJitter(*jitter)`` -> ``[0, 1]`` tensor -> normalise with
-    ``preprocess.mean`` / ``preprocess.std``. A scale above 1 is allowed: when no crop of that area
-    fits, torchvision falls back to a centre crop. Grey input comes out replicated to three channels.
+    ``RandomResizedCrop(preprocess.crop_size, augment.scale, default ratio 3/4-4/3)`` -> CLAHE with
+    probability ``augment.clahe_p`` and a clip limit uniform in ``augment.clahe_clip`` on
+    ``augment.clahe_tiles`` x ``augment.clahe_tiles`` tiles -> ``ColorJitter(*augment.jitter)`` ->
+    ``[0, 1]`` tensor -> normalise with ``preprocess.mean`` / ``preprocess.std``. A scale above 1 is
+    allowed: when no crop of that area fits, torchvision falls back to a centre crop. Grey input comes
+    out replicated to three channels.
 
     Args:
         preprocess: Crop size, interpolation and normalisation of the model.
-        scale: Range of the crop area relative to the image area.
-        clahe_p: Probability of applying CLAHE.
-        clahe_clip: Range of the CLAHE clip limit.
-        clahe_tiles: CLAHE tiles per axis.
-        jitter: ColorJitter (brightness, contrast, saturation, hue).
+        augment: Augmentation settings (a recipe's ``augment`` section); None for the defaults of
+            :class:`~train.config.AugmentConfig`, the reference recipe's.
 
     Returns:
         A picklable callable ``PIL.Image -> float32 tensor [3, crop, crop]``, random through torch's
@@ -186,6 +175,4 @@ def train_transform(
     Raises:
         ConfigError: An out-of-range parameter or unknown interpolation.
     """
-    return TrainTransform(
-        preprocess, scale=scale, clahe_p=clahe_p, clahe_clip=clahe_clip, clahe_tiles=clahe_tiles, jitter=jitter
-    )
+    return TrainTransform(preprocess, augment)

@@ -136,7 +136,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the study-level terms (spec section 4: ICL 1.0, TCL 0.5).
+    """Weights of the study-level terms (the reference CXR-CLIP loss weights ICL 1.0 and TCL 0.5).
 
     ``label_weight`` > 0 adds cxr-search's label term (:func:`train.losses.cxr_clip_loss`): studies
     of a batch with the same set of positive labels (manifest ``labels``) are positives of each
@@ -170,7 +170,18 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation (see :func:`train.augment.train_transform`)."""
+    """Training augmentation (see :func:`train.augment.train_transform`, which validates the values).
+
+    The defaults are the reference CXR-CLIP recipe's, and this is their only home: the transform is
+    built from an instance of this class.
+
+    Attributes:
+        scale: Range of the random crop's area relative to the image area.
+        clahe_p: Probability of applying CLAHE.
+        clahe_clip: Range of the CLAHE clip limit (drawn uniformly).
+        clahe_tiles: CLAHE tiles per axis.
+        jitter: ColorJitter (brightness, contrast, saturation, hue).
+    """
 
     scale: Tuple[float, float] = (0.8, 1.1)
     clahe_p: float = 0.5
@@ -198,7 +209,8 @@ class TrainConfig:
         seed: Seed of initialisation, data order and augmentation.
         grad_checkpointing: Trade compute for memory in both towers.
         channels_last: Run the image tower in the channels-last memory format (NHWC). The same
-            numbers up to float rounding; on CPU (oneDNN) convolutions run about 1.3x (64 px) to
+            computation in float64; in float32 CPU BatchNorm backward kernels round differently (stem
+            gradients measured up to 7e-3 relative apart, depending on the thread count). On CPU (oneDNN) convolutions run about 1.3x (64 px) to
             2.3x (128 px) faster for the tiny towers, and on CUDA with AMP it is the format tensor
             cores prefer.
         checkpoint_every: Save a resumable checkpoint every N optimiser steps (0 = epoch ends only).

@@ -1,6 +1,6 @@
-"""Study-level training data: two images and two texts per study (spec section 4).
+"""Study-level training data: two images and two texts per study (``docs/compatibility.md`` section 4).
 
-:class:`StudyDataset` groups manifest rows (one per image, see ``notes/manifest.md``) into studies and
+:class:`StudyDataset` groups manifest rows (one per image, see ``docs/manifest.md``) into studies and
 returns one sample per study: two images (ideally a frontal and a lateral view), each augmented
 independently, and two texts (report sections, or prompt reports written from labels). Decoding and
 augmentation happen in ``__getitem__`` so they run in DataLoader workers.
@@ -42,14 +42,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from train.augment import train_transform
 from cxr_search.config import PreprocessConfig
 from cxr_search.datasets.manifest import labels_object
 from cxr_search.errors import DatasetError, DicomError, ImageReadError
-from cxr_search.labels import CHESTXRAY14_LABELS, CHEXPERT_LABELS, label_set_key
-from train.prompt_reports import labels_to_report
-from cxr_search.tokenizer import TextTokenizer
 from cxr_search.images import eval_transform, load_image
+from cxr_search.labels import CHESTXRAY14_LABELS, CHEXPERT_LABELS, label_set_key
+from cxr_search.tokenizer import TextTokenizer
+from train.augment import train_transform
+from train.prompt_reports import labels_to_report
 
 logger = logging.getLogger(__name__)
 

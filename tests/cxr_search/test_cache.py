@@ -16,10 +16,11 @@ from cxr_search.config import PreprocessConfig
 from cxr_search.datasets import manifest
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.errors import ConfigError, DatasetError
-from train.dataset import StudyDataset, read_manifest_rows
 from cxr_search.images import load_image
-from tests.dicom_fixtures import make_ds, save
-from tests.train.test_dataset import PRE, noisy, row, write_png
+from tests.helpers.dicom_files import make_ds, save
+from tests.helpers.image_files import PRE, noisy, row, write_png
+from train.dataset import StudyDataset, read_manifest_rows
+
 
 # ---------------------------------------------------------------------------------- cache
 def test_cache_writes_resized_copies_and_reuses(tmp_path):
@@ -39,7 +40,7 @@ def test_cache_writes_resized_copies_and_reuses(tmp_path):
     assert res.failed == [(str(src / "nope.png"), "file not found")]
     assert [r["image_id"] for r in res.rows] == ["wide/1", "tall", "colour"]
     assert res.rows[0]["findings"] == "x"
-    for r, (size, mode) in zip(res.rows, [((96, 48), "L"), ((48, 80), "L"), ((48, 48), "RGB")]):
+    for r, (size, mode) in zip(res.rows, [((96, 48), "L"), ((48, 80), "L"), ((48, 48), "RGB")], strict=False):
         assert Path(r["image_path"]) == cache_path(out, "openi", r["image_id"])
         with Image.open(r["image_path"]) as im:
             assert (im.size, im.mode, im.format) == (size, mode, "PNG")

@@ -13,8 +13,23 @@ import pytest
 
 from cxr_search.errors import DatasetError
 from cxr_search.evaluation.zeroshot_prompts import RSNA_PROMPTS, binary_prompts
-from cxr_search.labels import CHESTXRAY14_LABELS, CHEXPERT_LABELS, NO_FINDING, VINDR_CLASSES, chestxray14_finding_labels_to_labels, chexpert_row_to_labels
-from train.prompt_reports import LABEL_PHRASES, NEGATIVE_TEMPLATES, NORMAL_SENTENCES, POSITIVE_TEMPLATES, UNCERTAIN_TEMPLATES, label_phrase, labels_to_report
+from cxr_search.labels import (
+    CHESTXRAY14_LABELS,
+    CHEXPERT_LABELS,
+    NO_FINDING,
+    VINDR_CLASSES,
+    chestxray14_finding_labels_to_labels,
+    chexpert_row_to_labels,
+)
+from train.prompt_reports import (
+    LABEL_PHRASES,
+    NEGATIVE_TEMPLATES,
+    NORMAL_SENTENCES,
+    POSITIVE_TEMPLATES,
+    UNCERTAIN_TEMPLATES,
+    label_phrase,
+    labels_to_report,
+)
 
 BANKS = {"pos": POSITIVE_TEMPLATES, "neg": NEGATIVE_TEMPLATES, "unc": UNCERTAIN_TEMPLATES}
 

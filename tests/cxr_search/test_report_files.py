@@ -21,7 +21,7 @@ from cxr_search.reports import (
     read_report_text_file,
     split_sections,
 )
-from tests.cxr_search.test_reports import MIMIC_FULL
+from tests.helpers.report_texts import MIMIC_FULL
 
 # --------------------------------------------------------------------------------------------------
 # OpenI XML

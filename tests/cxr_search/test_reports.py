@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 
 from cxr_search.reports import ReportSections, choose_report_text, normalize_whitespace, split_sections
+from tests.helpers.report_texts import MIMIC_FULL
 
 # --------------------------------------------------------------------------------------------------
 # normalize_whitespace
@@ -23,25 +24,6 @@ def test_normalize_whitespace_collapses_runs_and_keeps_tokens() -> None:
 # split_sections: table of header variants
 # --------------------------------------------------------------------------------------------------
 
-MIMIC_FULL = (
-    "                                 FINAL REPORT\n"
-    " EXAMINATION:  CHEST (PA AND LAT)\n"
-    " \n"
-    " INDICATION:  ___F with new onset ascites  // eval for infection\n"
-    " \n"
-    " TECHNIQUE:  Chest PA and lateral\n"
-    " \n"
-    " COMPARISON:  None.\n"
-    " \n"
-    " FINDINGS: \n"
-    " \n"
-    " There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral\n"
-    " nodular opacities that most likely represent nipple shadows.\n"
-    " \n"
-    " IMPRESSION: \n"
-    " \n"
-    " No acute cardiopulmonary process.\n"
-)
 
 # (id, text, findings, impression, {header: body} that must be in sections, headers that must NOT be)
 SPLIT_CASES: List[Tuple[str, str, Optional[str], Optional[str], Dict[str, str], Sequence[str]]] = [

@@ -1,4 +1,4 @@
-"""End to end through the CLI (issue 7.3): synth -> train -> index build -> search text / image -> bench -> verify,
+"""End to end through the CLI: synth -> train -> index build -> search text / image -> bench -> verify,
 and ``cxr-search demo --json`` on a small archive, then again from its cache.
 
 Every step goes through ``cli.main`` in this process (one import of torch for the whole file) and is
@@ -139,8 +139,8 @@ def test_verify_is_clean_after_everything(pipeline, capsys):
 
 
 def test_demo_json_then_cached_rerun(tmp_path, capsys):
-    from index.demo.run import DemoOptions, run_demo
     from index.demo.data import DemoState
+    from index.demo.run import DemoOptions, run_demo
 
     out = tmp_path / "demo"
 
@@ -205,8 +205,8 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
 
 def test_stages_reuse_resume_and_rebuild(tmp_path):
     """A finished stage is reused; an unfinished one with the same key resumes on its outputs; a new key wipes them."""
-    from index.demo.run import DemoResult, _Stages
     from index.demo.data import DemoState
+    from index.demo.run import DemoResult, _Stages
 
     out = tmp_path / "manifest.csv"
     seen = []

@@ -9,13 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from cxr_search.checkpoints import load_model
-from tests.train_fixtures import fast_overrides, make_manifest
+from tests.helpers.numerics import assert_relative_close
+from tests.helpers.train_data import fast_overrides, make_manifest
 from train.config import get_recipe
 from train.metrics_log import read_metrics
 from train.trainer import train
+
+pytestmark = pytest.mark.ddp  # torchrun with two gloo processes (e2e: tests/conftest.py)
 
 # A normalisation-free-of-batch-statistics image tower: BatchNorm statistics are per process under DDP
 # (SyncBatchNorm needs a GPU), so only a LayerNorm model can match one process exactly on CPU.
@@ -60,5 +64,15 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     a = load_model(tmp_path / "one" / "model").state_dict()
     b = load_model(tmp_path / "two" / "model").state_dict()
     assert a.keys() == b.keys()
+    lr = get_recipe("tiny-synth", **overrides).optim.lr
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+        if key.endswith("attention.self.key.bias"):
+            # Zero true gradient: each run only turns float noise nu into steps of lr * nu / eps, which have no
+            # relative accuracy; both stay within a hundredth of one real (~lr) step of each other (measured:
+            # 1.4e-6 = lr / 1400 apart, so the bound leaves 14x for noisier kernels).
+            assert float((b[key] - a[key]).abs().max()) <= 0.01 * lr, key
+        else:
+            # The gradients are summed in another order (all-reduce of two halves): whole-tensor relative error
+            # measured <= 7.5e-6 after the two Adam steps (1e-4 leaves 13x), where element-wise relative errors
+            # of near-zero biases would be meaningless.
+            assert_relative_close(b[key], a[key], 1e-4, msg=key)

@@ -1,4 +1,6 @@
-"""Shared fixtures of the engine tests: a small synthetic PACS export and the tiny model.
+"""Helpers of the engine tests: ground truth, archive and index copies, and the store backends to test.
+
+The fixtures (the synthetic PACS export and the tiny model) are in ``tests/index/conftest.py``.
 
 Set ``CXR_SEARCH_TEST_DB_URL`` (e.g. ``postgresql+psycopg://user@localhost/cxr_test``) to run the
 store-backed tests against that database as well as SQLite; its tables are dropped and recreated
@@ -14,11 +16,6 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
-
-import pytest
-
-from cxr_search.checkpoints import load_model
-from cxr_search.synth import synthesize
 
 PG_URL = os.environ.get("CXR_SEARCH_TEST_DB_URL")
 DB_PARAMS = ["sqlite"] + (["external"] if PG_URL else [])
@@ -88,20 +85,6 @@ def copy_index(src: Path, dst: Path, db_url: Optional[str]) -> Optional[str]:
 
     gc.collect()
     return new_external_db(db_url)
-
-
-@pytest.fixture(scope="session")
-def tiny_model():
-    """The seeded ``tiny`` preset (with its basic tokenizer), in eval mode."""
-    return load_model("tiny")
-
-
-@pytest.fixture(scope="session")
-def pacs_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 studies (PA + lateral or AP) with 4 broken files: truncated, text, SR, empty."""
-    out = tmp_path_factory.mktemp("pacs-index") / "archive"
-    synthesize(out, studies=12, seed=21, layout="pacs", broken=4, image_size=64)
-    return out
 
 
 def copy_archive(src: Path, dst: Path, keep: Optional[set] = None) -> Path:

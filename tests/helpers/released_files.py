@@ -1,7 +1,7 @@
 """Builders of released-format CXR-CLIP files, written directly on torchvision / transformers modules.
 
-Independent of cxr_search on purpose: the names follow the spec (transformers 4.26 naming for Swin,
-``embeddings.position_ids`` stored), the config holds real omegaconf containers, weights are random.
+Independent of cxr_search on purpose: the names follow ``docs/compatibility.md`` (transformers 4.26
+naming for Swin, ``embeddings.position_ids`` stored), the config holds real omegaconf containers, weights are random.
 """
 
 from __future__ import annotations
@@ -174,5 +174,5 @@ def save_released(path: Path, state: Dict[str, torch.Tensor], backbone: str) -> 
 
 
 def expected_counts() -> Tuple[int, int]:
-    """Spec section 2: total keys of the R50 and Swin released state dicts."""
+    """Total keys of the R50 and Swin released state dicts (``docs/compatibility.md`` section 2)."""
     return 523, 436

@@ -1,4 +1,4 @@
-"""Shared fixtures of the training tests: a tiny synthetic MIMIC-layout manifest and fast recipe settings."""
+"""Helpers of the training tests: a tiny synthetic MIMIC-layout manifest and fast recipe settings."""
 
 from __future__ import annotations
 

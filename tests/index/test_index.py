@@ -15,11 +15,7 @@ from index.build import BuildOptions, build
 from index.index_dir import IndexDir
 from index.store import EMBEDDED, Image, Section, Study
 from index.verify import verify
-from tests import index_fixtures as fx
-from tests.index_fixtures import DB_PARAMS, copy_archive, copy_index, db_url_for, ground_truth
-
-pacs_archive = fx.pacs_archive  # shared fixtures
-tiny_model = fx.tiny_model
+from tests.helpers.index_data import DB_PARAMS, copy_archive, copy_index, db_url_for, ground_truth
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -255,6 +251,7 @@ def test_store_holds_no_names_ids_or_paths(built, pacs_archive: Path) -> None:
         assert name.encode() not in blob
 
 
+@pytest.mark.slow
 def test_kill_9_then_same_command_resumes(built, pacs_archive: Path, tmp_path: Path) -> None:
     """A real SIGKILL in the middle of embedding; the same command then finishes the index."""
     if built[2] is not None:

@@ -18,10 +18,6 @@ from index.build import BuildOptions, build
 from index.index_dir import IndexDir
 from index.store import EMBEDDED, PENDING, Image, ImageVector, Section
 from index.verify import verify
-from tests import index_fixtures as fx
-
-pacs_archive = fx.pacs_archive
-tiny_model = fx.tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +33,7 @@ def _vectors(index_dir: Path) -> dict:
     return {uid: np.frombuffer(v, dtype=np.float32) for uid, v in rows}
 
 
+@pytest.mark.slow
 def test_sharded_build_equals_a_one_shot_build(pacs_archive: Path, tiny_model, tmp_path: Path) -> None:
     reports = pacs_archive / "reports.csv"
     one_shot = tmp_path / "one"
@@ -76,6 +73,8 @@ def test_sharded_build_equals_a_one_shot_build(pacs_archive: Path, tiny_model, t
     assert verify(sharded)["ok"]
     a, b = _vectors(sharded), _vectors(one_shot)
     assert a.keys() == b.keys()
+    # Other batch sizes (and processes) run differently blocked kernels; the vectors have unit norm, so this
+    # absolute tolerance is a relative one, ~150x the batch-versus-single differences measured in test_model.
     for uid in a:
         np.testing.assert_allclose(a[uid], b[uid], atol=1e-5)
     idx = IndexDir.open(sharded)

@@ -20,24 +20,20 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from train.augment import TrainTransform, apply_clahe, train_transform
 from cxr_search.config import PreprocessConfig
 from cxr_search.errors import ConfigError, DatasetError, ImageReadError
-from cxr_search.tokenizer import TextTokenizer
-from cxr_search.labels import label_set_key
-from train.dataset import StudyDataset, epoch_generator, make_collate
 from cxr_search.images import eval_transform, load_image
+from cxr_search.labels import label_set_key
+from cxr_search.tokenizer import TextTokenizer
+from tests.helpers.image_files import PRE, noisy, row, write_png
+from train.augment import TrainTransform, apply_clahe, train_transform
+from train.config import AugmentConfig
+from train.dataset import StudyDataset, epoch_generator, make_collate
 
-PRE = PreprocessConfig(resize=64, crop_size=64, dicom_shorter_side=128)
 SWIN_PRE = PreprocessConfig(resize=64, crop_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), dicom_shorter_side=128)
 
 
 # ---------------------------------------------------------------------------------- helpers
-def noisy(shape, seed: int = 0, level: float = 128.0, sd: float = 25.0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(rng.normal(level, sd, shape), 0, 255).astype(np.uint8)
-
-
 def left_heavy(h: int = 80, w: int = 96, seed: int = 0) -> Image.Image:
     """Bright left 40 %, dark right 60 %, with noise and a soft vertical gradient."""
     rng = np.random.default_rng(seed)
@@ -45,22 +41,6 @@ def left_heavy(h: int = 80, w: int = 96, seed: int = 0) -> Image.Image:
     arr[:, : int(0.4 * w)] = 200.0
     arr += np.linspace(-15, 15, h)[:, None] + rng.normal(0, 10, (h, w))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
-
-
-def write_png(path: Path, arr: np.ndarray) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return str(path)
-
-
-def row(dataset: str, study: str, image_id: str, path: str, view: str = "PA", **extra: str) -> Dict[str, str]:
-    base = {
-        "dataset": dataset, "split": "train", "patient_id": "p1", "study_id": study, "image_id": image_id,
-        "image_path": path, "view": view, "findings": "", "impression": "", "report_text": "", "labels": "",
-        "label_vocab": "",
-    }
-    base.update(extra)
-    return base
 
 
 def mean_transform(img: Image.Image) -> torch.Tensor:
@@ -100,7 +80,7 @@ def test_transform_shape_dtype_and_grey_rgb_equivalence():
 def test_transform_matches_torchvision_on_rgb():
     """The grey fast path equals the obvious pipeline: torchvision on an RGB copy, cv2 CLAHE, ToTensor+Normalize."""
     for p, clip in ((0.0, 2.0), (1.0, 3.0)):
-        fast = train_transform(SWIN_PRE, clahe_p=p, clahe_clip=(clip, clip))
+        fast = train_transform(SWIN_PRE, AugmentConfig(clahe_p=p, clahe_clip=(clip, clip)))
         crop = T.RandomResizedCrop(64, scale=(0.8, 1.1))
         jitter = T.ColorJitter(0.1, 0.2, 0.2, 0.1)
         norm = T.Compose([T.ToTensor(), T.Normalize(SWIN_PRE.mean, SWIN_PRE.std)])
@@ -134,7 +114,7 @@ def test_clahe_applied_about_half_the_time():
     # Square image of the crop size, scale 1, no jitter: the output is the image, CLAHE'd or not.
     img_arr = noisy((64, 64), seed=7, sd=30)
     img = Image.fromarray(img_arr, mode="L")
-    t = train_transform(PRE, scale=(1.0, 1.0), clahe_clip=(2.0, 2.0), jitter=(0, 0, 0, 0))
+    t = train_transform(PRE, AugmentConfig(scale=(1.0, 1.0), clahe_clip=(2.0, 2.0), jitter=(0, 0, 0, 0)))
     plain = eval_transform(img, PRE)
     equalised = eval_transform(Image.fromarray(cv2.createCLAHE(2.0, (8, 8)).apply(img_arr)), PRE)
     assert not torch.equal(plain, equalised)
@@ -174,12 +154,12 @@ def test_transform_deterministic_given_seed_and_random_otherwise():
 
 def test_transform_parameters_validated_and_scale_above_one():
     with pytest.raises(ConfigError):
-        train_transform(PRE, scale=(1.1, 0.8))
+        train_transform(PRE, AugmentConfig(scale=(1.1, 0.8)))
     with pytest.raises(ConfigError):
-        train_transform(PRE, clahe_p=1.5)
+        train_transform(PRE, AugmentConfig(clahe_p=1.5))
     with pytest.raises(ConfigError):
         train_transform(PreprocessConfig(interpolation="cubic-ish"))
-    t = train_transform(PRE, scale=(1.05, 1.1))  # never fits: torchvision's centre-crop fallback
+    t = train_transform(PRE, AugmentConfig(scale=(1.05, 1.1)))  # never fits: torchvision's centre-crop fallback
     torch.manual_seed(0)
     assert t(Image.fromarray(noisy((70, 90)), mode="L")).shape == (3, 64, 64)
     assert isinstance(t, TrainTransform)
@@ -392,6 +372,7 @@ def test_collate_shapes():
     assert out["study_index"].tolist() == [0, 1, 2] and out["study_index"].dtype == torch.long
 
 
+@pytest.mark.slow
 def test_dataloader_with_two_workers_is_reproducible(tmp_path):
     rows = []
     for k in range(10):
@@ -409,7 +390,7 @@ def test_dataloader_with_two_workers_is_reproducible(tmp_path):
     assert not torch.equal(first[0]["study_index"], other_epoch[0]["study_index"])
     assert [b["image1"].shape[0] for b in first] == [4, 4, 2]
     assert sorted(i for b in first for i in b["study_index"].tolist()) == list(range(10))
-    for x, y in zip(first, second):
+    for x, y in zip(first, second, strict=False):
         assert torch.equal(x["study_index"], y["study_index"]) and torch.equal(x["image1"], y["image1"])
         assert torch.equal(x["text1"]["input_ids"], y["text1"]["input_ids"])
     assert first[0]["image1"].shape == (4, 3, 64, 64)

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train.distributed as td
-from tests import dist_workers as dw
 from cxr_search.errors import ConfigError
+from tests.helpers import dist_workers as dw
 
 WORLD = 2
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -68,6 +68,7 @@ def single_process_reference(label_keys=None, label_within=False):
 # ---------------------------------------------------------------- two processes
 
 
+@pytest.mark.ddp
 def test_dist_info_and_reuse(ranks: List[Dict]) -> None:
     for r, res in enumerate(ranks):
         info = res["info"]
@@ -77,6 +78,7 @@ def test_dist_info_and_reuse(ranks: List[Dict]) -> None:
         assert res["initialised_after_cleanup"] is False  # cleanup destroyed the group it created
 
 
+@pytest.mark.ddp
 def test_broadcast_and_all_reduce_mean(ranks: List[Dict]) -> None:
     for res in ranks:
         assert res["broadcast"] == {"from": 0, "list": [1, 2]}
@@ -84,6 +86,7 @@ def test_broadcast_and_all_reduce_mean(ranks: List[Dict]) -> None:
         assert res["mean_int"].dtype == torch.float32 and res["mean_int"].item() == 0.5
 
 
+@pytest.mark.ddp
 def test_all_gather_forward_order_and_backward(ranks: List[Dict]) -> None:
     expected = torch.cat([dw.gather_local(r) for r in range(WORLD)])  # rank order
     rows = dw.GATHER_ROWS
@@ -94,12 +97,14 @@ def test_all_gather_forward_order_and_backward(ranks: List[Dict]) -> None:
         torch.testing.assert_close(res["gather_grad"], want, atol=1e-12, rtol=0)
 
 
+@pytest.mark.ddp
 def test_mismatched_gather_shapes_raise_on_every_rank(ranks: List[Dict]) -> None:
     for res in ranks:
         assert res["shape_error"] is not None and "same shape on every rank" in res["shape_error"]
         assert "[(1, 2), (2, 2)]" in res["shape_error"]
 
 
+@pytest.mark.ddp
 def test_distributed_loss_and_ddp_gradients_equal_single_process(ranks: List[Dict]) -> None:
     ref_loss, ref_grads = single_process_reference()
     for res in ranks:
@@ -114,6 +119,7 @@ def test_distributed_loss_and_ddp_gradients_equal_single_process(ranks: List[Dic
         assert ref_grads[name].abs().max() > 1e-4
 
 
+@pytest.mark.ddp
 def test_distributed_label_term_equals_single_process(ranks: List[Dict]) -> None:
     keys = torch.tensor(dw.LABEL_KEYS, dtype=torch.int64)
     ref_loss, ref_grads = single_process_reference(keys)
@@ -179,8 +185,9 @@ def test_bad_device_and_env_raise_config_error(no_torchrun_env: pytest.MonkeyPat
     assert not dist.is_initialized()
 
 
+@pytest.mark.ddp
 def test_world_of_one_from_env_creates_and_cleans_up(no_torchrun_env: pytest.MonkeyPatch) -> None:
-    for name, value in zip(TORCHRUN_VARS, ("0", "1", "0", "127.0.0.1", str(free_port()))):
+    for name, value in zip(TORCHRUN_VARS, ("0", "1", "0", "127.0.0.1", str(free_port())), strict=False):
         no_torchrun_env.setenv(name, value)
     try:
         info = td.init_distributed("cpu", timeout=datetime.timedelta(seconds=10))
@@ -193,6 +200,7 @@ def test_world_of_one_from_env_creates_and_cleans_up(no_torchrun_env: pytest.Mon
     assert not dist.is_initialized()
 
 
+@pytest.mark.ddp
 def test_existing_group_is_reused_and_not_destroyed(no_torchrun_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -48,7 +48,7 @@ def naive_ce_math(q: torch.Tensor, k: torch.Tensor, s: float, offset: int = 0) -
     ql, kl = q.tolist(), k.tolist()
     losses = []
     for i, qi in enumerate(ql):
-        row = [s * sum(a * b for a, b in zip(qi, kj)) for kj in kl]
+        row = [s * sum(a * b for a, b in zip(qi, kj, strict=False)) for kj in kl]
         losses.append(math.log(sum(math.exp(x) for x in row)) - row[offset + i])
     return sum(losses) / len(losses)
 
@@ -64,8 +64,8 @@ def naive_clip(images: Sequence, texts: Sequence, s, images_all=None, texts_all=
     texts_all = texts if texts_all is None else texts_all
     i2t: List = []
     t2i: List = []
-    for img, img_all in zip(images, images_all):
-        for txt, txt_all in zip(texts, texts_all):
+    for img, img_all in zip(images, images_all, strict=False):
+        for txt, txt_all in zip(texts, texts_all, strict=False):
             i2t.append(naive_ce(img, txt_all, s, offset))
             t2i.append(naive_ce(txt, img_all, s, offset))
     return (sum(i2t) / len(i2t) + sum(t2i) / len(t2i)) / 2
@@ -88,7 +88,7 @@ def test_contrastive_ce_equals_naive_loop_with_offset_and_larger_keys() -> None:
         assert fast.dtype == torch.float64
         assert fast.item() == pytest.approx(slow.item(), abs=1e-12)
         assert fast.item() == pytest.approx(naive_ce_math(q.detach(), k.detach(), 3.7, offset), abs=1e-12)
-        for gf, gs in zip(grads(fast, [q, k, s]), grads(slow, [q, k, s])):
+        for gf, gs in zip(grads(fast, [q, k, s]), grads(slow, [q, k, s]), strict=False):
             torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
 
 
@@ -146,7 +146,7 @@ def test_symmetric_ce_equals_naive_single_and_gathered() -> None:
     s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
     fast, slow = symmetric_ce(a, b, s), naive_sym(a, b, s)
     assert fast.item() == pytest.approx(slow.item(), abs=1e-12)
-    for gf, gs in zip(grads(fast, [a, b, s]), grads(slow, [a, b, s])):
+    for gf, gs in zip(grads(fast, [a, b, s]), grads(slow, [a, b, s]), strict=False):
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
 
     # "Rank 1 of 3": other processes' rows surround ours in the gathered tensor.
@@ -159,7 +159,7 @@ def test_symmetric_ce_equals_naive_single_and_gathered() -> None:
     fast = symmetric_ce(a, b, s, gather=gather, offset=3)
     slow = naive_sym(a, b, s, gather(a), gather(b), offset=3)
     assert fast.item() == pytest.approx(slow.item(), abs=1e-12)
-    for gf, gs in zip(grads(fast, [a, b, s]), grads(slow, [a, b, s])):
+    for gf, gs in zip(grads(fast, [a, b, s]), grads(slow, [a, b, s]), strict=False):
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
 
 
@@ -174,7 +174,7 @@ def test_clip_term_equals_naive_loop() -> None:
     s = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
     fast, slow = clip_term(images, texts, s), naive_clip(images, texts, s)
     assert fast.item() == pytest.approx(slow.item(), abs=1e-12)
-    for gf, gs in zip(grads(fast, [*views, s]), grads(slow, [*views, s])):
+    for gf, gs in zip(grads(fast, [*views, s]), grads(slow, [*views, s]), strict=False):
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
     # Unequal numbers of views are averaged over all pairs too.
     one = clip_term(images[:1], texts, s)
@@ -209,7 +209,7 @@ def test_cxr_clip_loss_equals_naive_with_gradients() -> None:
         assert out[key].item() == pytest.approx(ref.item(), abs=1e-12), key
     assert out["loss"].item() == pytest.approx((clip + icl + 0.5 * tcl).item(), abs=1e-12)
     inputs = [*views, logit_scale]
-    for gf, gs in zip(grads(out["loss"], inputs), grads(loss, inputs)):
+    for gf, gs in zip(grads(out["loss"], inputs), grads(loss, inputs), strict=False):
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
 
 
@@ -223,7 +223,7 @@ def test_cxr_clip_loss_with_gather_and_offset() -> None:
     for key, ref in (("loss", loss), ("clip", clip), ("icl", icl), ("tcl", tcl)):
         assert out[key].item() == pytest.approx(ref.item(), abs=1e-12), key
     inputs = [*views, s]
-    for gf, gs in zip(grads(out["loss"], inputs), grads(loss, inputs)):
+    for gf, gs in zip(grads(out["loss"], inputs), grads(loss, inputs), strict=False):
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
 
 
@@ -304,8 +304,8 @@ def naive_label_term(images, texts, s, keys, images_all=None, texts_all=None, of
     images_all = images if images_all is None else images_all
     texts_all = texts if texts_all is None else texts_all
     i2t, t2i = [], []
-    for img, img_all in zip(images, images_all):
-        for txt, txt_all in zip(texts, texts_all):
+    for img, img_all in zip(images, images_all, strict=False):
+        for txt, txt_all in zip(texts, texts_all, strict=False):
             i2t.append(naive_soft_ce(img, txt_all, s, keys, offset))
             t2i.append(naive_soft_ce(txt, img_all, s, keys, offset))
     return (sum(i2t) / len(i2t) + sum(t2i) / len(t2i)) / 2
@@ -337,7 +337,7 @@ def test_label_term_equals_naive_loop_with_gradients() -> None:
     assert out["label"].item() == pytest.approx(label.item(), abs=1e-12)
     assert out["loss"].item() == pytest.approx((ref + 0.6 * label).item(), abs=1e-12)
     inputs = [*views, s]
-    for gf, gs in zip(grads(out["loss"], inputs), grads(ref + 0.6 * label, inputs)):
+    for gf, gs in zip(grads(out["loss"], inputs), grads(ref + 0.6 * label, inputs), strict=False):
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
 
 
@@ -351,7 +351,7 @@ def test_label_term_with_gather_and_offset() -> None:
     label = naive_label_term(views[:2], views[2:], s, keys, gathered[:2], gathered[2:], offset=3)
     assert out["label"].item() == pytest.approx(label.item(), abs=1e-12)
     inputs = [*views, s]
-    for gf, gs in zip(grads(out["label"], inputs), grads(label, inputs)):
+    for gf, gs in zip(grads(out["label"], inputs), grads(label, inputs), strict=False):
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
 
 
@@ -370,7 +370,7 @@ def test_label_term_within_modalities_equals_naive_loop_with_gather() -> None:
     label = naive_label_term(views[:2], views[2:], s, keys, g[:2], g[2:], offset=3) + 0.7 * icl + 0.4 * tcl
     assert out["label"].item() == pytest.approx(label.item(), abs=1e-12)
     inputs = [*views, s]
-    for gf, gs in zip(grads(out["label"], inputs), grads(label, inputs)):
+    for gf, gs in zip(grads(out["label"], inputs), grads(label, inputs), strict=False):
         torch.testing.assert_close(gf, gs, atol=1e-12, rtol=0)
     # A zero ICL or TCL weight drops that part of the term too.
     no_icl = cxr_clip_loss(*views, s, icl_weight=0.0, tcl_weight=0.4, label_weight=2.0, label_keys=torch.tensor(keys),

@@ -29,7 +29,7 @@ def test_recipes_cover_the_six_released_configurations_and_tiny_synth() -> None:
             cfg = get_recipe(f"{arch}-{data}")
             assert set(cfg.data.datasets) == datasets
             assert cfg.model == ("cxr-clip-r50" if arch == "r50" else "cxr-clip-swint")
-            # Spec section 4 reference defaults.
+            # The reference CXR-CLIP recipe (docs/compatibility.md section 4).
             o = cfg.optim
             assert (o.lr, o.weight_decay, o.epochs, o.warmup_epochs, o.min_lr_ratio, o.batch_size) == (
                 5e-5, 1e-4, 15, 1.0, 0.0, 128)
@@ -111,8 +111,8 @@ def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
     warm, total = 10, 110
     f = [lr_factor(s, warm, total) for s in range(total)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(b > a for a, b in zip(f[:9], f[1:10]))  # linear warm-up
-    assert all(b <= a for a, b in zip(f[10:], f[11:]))  # monotone decay
+    assert all(b > a for a, b in zip(f[:9], f[1:10], strict=False))  # linear warm-up
+    assert all(b <= a for a, b in zip(f[10:], f[11:], strict=False))  # monotone decay
     assert f[60] == pytest.approx(0.5)  # half-way through the cosine
     assert lr_factor(total, warm, total) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(total, warm, total, min_ratio=0.1) == pytest.approx(0.1)
@@ -218,7 +218,7 @@ def test_grouped_sampler_tiles_ranks_resumes_and_puts_mates_in_one_batch() -> No
     assert [i for b in single for _, i in b] != [i for b in StepSampler(n, batch, seed=9, epoch=2) for _, i in b]
     assert list(StepSampler(n, batch, start_step=2, **kw)) == single[2:]
     per_rank = [list(StepSampler(n, batch, rank=r, world_size=2, **kw)) for r in range(2)]
-    assert [a + b for a, b in zip(*per_rank)] == single
+    assert [a + b for a, b in zip(*per_rank, strict=False)] == single
     with pytest.raises(ValueError, match="label key"):
         StepSampler(n, batch, seed=9, epoch=0, group_size=2)
     with pytest.raises(ConfigError, match="data.label_groups"):
@@ -241,7 +241,7 @@ def test_seeded_samples_depend_only_on_the_key_and_keep_the_global_rng() -> None
     ds = SeededSamples(_RandomDataset(), seed=7)
     a = [ds[(0, i)] for i in range(5)]
     b = [ds[(0, i)] for i in reversed(range(5))][::-1]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         torch.testing.assert_close(x, y)
     assert not torch.equal(ds[(0, 1)], ds[(1, 1)])  # another epoch, another augmentation
     torch.manual_seed(0)
@@ -261,6 +261,7 @@ print(TextTokenizer.train(corpus, vocab_size=int(sys.argv[1])).sha256())
 """
 
 
+@pytest.mark.slow
 def test_learnt_vocabulary_is_identical_across_processes() -> None:
     # Hash-map order differs between processes, so determinism must be checked across two of them.
     runs = {subprocess.run([sys.executable, "-c", _VOCAB_SCRIPT, "90"], capture_output=True, text=True,
@@ -276,8 +277,11 @@ def test_learnt_vocabulary_is_identical_across_processes() -> None:
 # ------------------------------------------------------------------------------------ label precision
 def test_label_precision_matches_a_naive_loop() -> None:
     rng = np.random.default_rng(0)
-    q = rng.normal(size=(30, 8)).astype(np.float32)
-    c = rng.normal(size=(50, 8)).astype(np.float32)
+    # On a 1/8 grid every product and partial sum of these dot products is exact in float32, so the matrix
+    # product and the loop agree whatever the BLAS kernel's summation order or SIMD lanes: the ranking,
+    # the c[10] = c[11] tie included, cannot depend on the CPU.
+    q = (np.round(rng.normal(size=(30, 8)) * 8) / 8).astype(np.float32)
+    c = (np.round(rng.normal(size=(50, 8)) * 8) / 8).astype(np.float32)
     c[10] = c[11]  # a tie: broken by candidate order
     ql = [frozenset(rng.choice(["a", "b", "c"], size=rng.integers(0, 3), replace=False)) for _ in range(30)]
     cl = [frozenset(rng.choice(["a", "b", "c"], size=rng.integers(0, 3), replace=False)) for _ in range(50)]

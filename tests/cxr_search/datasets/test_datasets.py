@@ -1,21 +1,17 @@
 """Manifest I/O, seeded splits and the ``prepare`` dispatcher of :mod:`cxr_search.datasets`.
 
 The adapters are tested in ``test_datasets_public.py`` (CSV/XML datasets) and ``test_datasets_dicom.py``.
-The helpers here (``write_csv``, ``write_image``, ``assert_*``) are shared with those files.
+The file writers and order checks shared with those files are in ``tests/helpers/dataset_files.py``.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cxr_search.datasets import (
     DATASETS,
@@ -24,53 +20,17 @@ from cxr_search.datasets import (
     ManifestRow,
     adapter_options,
     group_studies,
-    patient_split_conflicts,
     prepare,
     read_manifest,
     write_manifest,
 )
 from cxr_search.datasets.splits import gloria_split, holdout_split
 from cxr_search.errors import ConfigError, DatasetError
+from tests.helpers.dataset_files import write_csv
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], *, gz: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([["" if v is None else v for v in r] for r in rows])
-    data = buf.getvalue().encode("utf-8")
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def write_image(path: Path, value: int = 128) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
-    return path
-
-
-def assert_patient_disjoint(rows: Sequence[ManifestRow]) -> None:
-    assert patient_split_conflicts(rows) == {}
-
-
-def assert_study_order(rows: Sequence[ManifestRow]) -> None:
-    """Rows of a study are contiguous, frontal first, then by image_id."""
-    seen_done = set()
-    current = None
-    for row in rows:
-        if row.study_id != current:
-            assert row.study_id not in seen_done, f"study {row.study_id} not contiguous"
-            if current is not None:
-                seen_done.add(current)
-            current = row.study_id
-    for members in group_studies(rows).values():
-        keys = [(0 if r.view in ("PA", "AP") else 1, r.image_id) for r in members]
-        assert keys == sorted(keys)
 
 
 def full_row(**kw: Any) -> ManifestRow:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -23,7 +23,7 @@ from cxr_search.datasets.vindr import NO_FINDING, aggregate_readers
 from cxr_search.errors import DatasetError
 from cxr_search.labels import VINDR_CLASSES
 from cxr_search.reports import choose_report_text, split_sections
-from tests.cxr_search.datasets.test_datasets import write_csv
+from tests.helpers.dataset_files import write_csv
 
 CR_SOP = "1.2.840.10008.5.1.4.1.1.1"
 DX_SOP = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -18,7 +18,8 @@ from cxr_search.datasets import group_studies, prepare
 from cxr_search.errors import DatasetError
 from cxr_search.labels import CHEXPERT_LABELS
 from cxr_search.reports import choose_report_text, split_sections
-from tests.cxr_search.datasets.test_datasets import assert_patient_disjoint, assert_study_order, write_csv, write_image
+from tests.helpers.dataset_files import assert_patient_disjoint, assert_study_order, write_csv, write_image
+
 # --------------------------------------------------------------------------------------------------
 # MIMIC-CXR
 # --------------------------------------------------------------------------------------------------
@@ -118,8 +119,8 @@ def test_mimic(tmp_path: Path, source: str) -> None:
     assert by_id["d1"].report_text.startswith("There is no focal")  # findings were longer
     assert by_id["d4"].findings == "" and by_id["d4"].report_text == "Left lower lobe pneumonia."
     assert by_id["d6"].report_text == ""  # no report: label-only study
-    for subject, study, *values in fixture["labels"]:
-        expected = {n: float(v) for n, v in zip(CHEXPERT_LABELS, values) if v != ""}
+    for _subject, study, *values in fixture["labels"]:
+        expected = {n: float(v) for n, v in zip(CHEXPERT_LABELS, values, strict=False) if v != ""}
         for r in rows:
             if r.study_id == study:
                 assert r.labels == expected and r.label_vocab == "chexpert"
@@ -242,7 +243,7 @@ def test_chexpert5x200(tmp_path: Path) -> None:
     csv_path = write_csv(tmp_path / "gloria" / "chexpert_5x200.csv", header, rows)
     result = prepare("chexpert5x200", root, csv=str(csv_path))
     assert len(result.rows) == 10 and {r.split for r in result.rows} == {"test"}
-    for r, (cls, k) in zip(sorted(result.rows, key=lambda r: r.image_id), [(c, k) for k, c in enumerate(FIVE * 2)]):
+    for r, (cls, k) in zip(sorted(result.rows, key=lambda r: r.image_id), [(c, k) for k, c in enumerate(FIVE * 2)], strict=False):
         assert r.labels == {c: 1.0 if c == cls else 0.0 for c in FIVE} and r.label_vocab == "chexpert5x200"
         assert r.report_text == r.impression == f"1. {cls} finding number {k}."
         assert r.findings == "" and r.view == "AP"

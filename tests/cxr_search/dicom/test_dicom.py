@@ -21,9 +21,10 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 import cxr_search.dicom.codecs as codecs_mod
-from cxr_search.dicom.read import read_dicom, read_dicom_header
+from cxr_search.dicom.header import read_dicom_header
+from cxr_search.dicom.read import read_dicom
 from cxr_search.errors import NoPixelDataError
-from tests.dicom_fixtures import CR_DIR, make_ds, radiograph, save, write
+from tests.helpers.dicom_files import CR_DIR, make_ds, radiograph, save, write
 
 # --------------------------------------------------------------------------------------------------
 # The slow reference chain

@@ -15,7 +15,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 import cxr_search.dicom.read as dicom_mod
-from cxr_search.dicom.read import read_dicom, read_dicom_header
+from cxr_search.dicom.header import read_dicom_header
+from cxr_search.dicom.read import read_dicom
 from cxr_search.errors import (
     ColourImageError,
     DicomError,
@@ -24,7 +25,7 @@ from cxr_search.errors import (
     NotDicomError,
     PixelDataError,
 )
-from tests.dicom_fixtures import make_ds, radiograph, save, write
+from tests.helpers.dicom_files import make_ds, radiograph, save, write
 
 # --------------------------------------------------------------------------------------------------
 # Errors

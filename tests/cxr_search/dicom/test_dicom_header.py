@@ -12,19 +12,11 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
-from cxr_search.dicom.read import (
-    DicomHeader,
-    DicomImage,
-    normalise_view,
-    parse_age,
-    parse_pixel_spacing,
-    parse_sex,
-    read_dicom,
-    read_dicom_header,
-)
-from cxr_search.dicom.header import age_from_dates, parse_da
+from cxr_search.dicom.header import DicomHeader, read_dicom_header
+from cxr_search.dicom.read import DicomImage, read_dicom
+from cxr_search.dicom.values import age_from_dates, normalise_view, parse_age, parse_da, parse_pixel_spacing, parse_sex
 from cxr_search.errors import PixelDataError
-from tests.dicom_fixtures import CR_DIR, DX_SOP_CLASS, make_ds, radiograph, save
+from tests.helpers.dicom_files import CR_DIR, DX_SOP_CLASS, make_ds, radiograph, save
 
 # --------------------------------------------------------------------------------------------------
 # Header parsing

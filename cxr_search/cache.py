@@ -1,10 +1,10 @@
 """A resized 8-bit PNG copy of a manifest's images, the form the released models were trained on.
 
-The reference trained on images pre-resized to a shorter side of 512 and stored as 8-bit (spec
-section 3). Decoding a 3000x2500 JPEG or a JPEG 2000 DICOM for every sample of every epoch costs far
-more than the model step, so training reads this cache instead. Images go through
-:func:`cxr_search.images.load_image` (for DICOM: the full photometric chain and the antialiased
-resize), then a PIL bilinear (antialiased) resize of the shorter side for everything else.
+The reference trained on images pre-resized to a shorter side of 512 and stored as 8-bit. Decoding a
+3000x2500 JPEG or a JPEG 2000 DICOM for every sample of every epoch costs far more than the model step,
+so training reads this cache instead. Images go through :func:`cxr_search.images.load_image` (for DICOM:
+the full photometric chain and the antialiased resize), then a PIL bilinear (antialiased) resize of the
+shorter side for everything else.
 
 Layout: ``OUT/<dataset>/<2 hex>/<image id>-<16 hex>.png``, named from ``(dataset, image_id)`` (stable
 when the source tree moves), with a ``cache.json`` recording the shorter side. The build is
@@ -226,14 +226,14 @@ def build_cache(
     try:
         if workers <= 1 or len(tasks) <= 1:
             results: Iterable[Optional[str]] = map(_cache_task, tasks)
-            for task, reason in zip(tasks, results):
+            for task, reason in zip(tasks, results, strict=False):
                 if reason is not None:
                     errors[Path(task[1])] = reason
                 bar.update(1)
         else:
             with multiprocessing.Pool(min(workers, len(tasks))) as pool:
                 # Ordered imap keeps results aligned with tasks; small chunks keep the bar moving.
-                for task, reason in zip(tasks, pool.imap(_cache_task, tasks, chunksize=4)):
+                for task, reason in zip(tasks, pool.imap(_cache_task, tasks, chunksize=4), strict=False):
                     if reason is not None:
                         errors[Path(task[1])] = reason
                     bar.update(1)
@@ -241,7 +241,7 @@ def build_cache(
         bar.close()
 
     out_rows: List[Dict[str, Any]] = []
-    for target, row in zip(targets, copies):
+    for target, row in zip(targets, copies, strict=False):
         if target in errors:
             continue
         row["image_path"] = str(target)

@@ -70,7 +70,7 @@ class TextTowerConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Image preprocessing that travels with the weights (spec section 3).
+    """Image preprocessing that travels with the weights (released models: ``docs/compatibility.md`` section 3).
 
     Attributes:
         resize: Shorter-side resize (PIL, ``interpolation``) before the centre crop.
@@ -215,7 +215,7 @@ def _matches(value: Any, hint: Any) -> bool:
             return False
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_matches(v, args[0]) for v in value)
-        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
+        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args, strict=False)))
     if origin in (dict, Mapping) or hint in (dict, Mapping):
         return isinstance(value, Mapping)
     return True  # an annotation this check does not know: the dataclass's own validation decides

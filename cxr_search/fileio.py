@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional, Union
 
-
 #: The process umask, read once (``os.umask`` can only be read by setting it).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

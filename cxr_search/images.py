@@ -1,9 +1,9 @@
-"""Image loading and the evaluation transform of spec section 3.
+"""Image loading and the evaluation transform of the released models (``docs/compatibility.md`` section 3).
 
 Every input (PNG/JPEG path, DICOM path, PIL image, numpy array) becomes an 8-bit PIL image, then
 ``Resize(shorter side, PIL bilinear) -> CenterCrop -> [0, 1] -> normalise``. The resize happens on
 the PIL image on purpose: the released models are sensitive to the filter, and a tensor-side resize
-is not equivalent (spec section 3).
+changes the embeddings.
 """
 
 from __future__ import annotations

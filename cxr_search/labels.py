@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from cxr_search.errors import DatasetError
 
@@ -56,7 +55,7 @@ CHESTXRAY14_LABELS: Tuple[str, ...] = (
     "No Finding",
 )
 
-#: VinDr-CXR's 18 zero-shot classes (spec section 5), exact spelling.
+#: VinDr-CXR's 18 classes of the reference zero-shot protocol, spelt exactly as the protocol does.
 VINDR_CLASSES: Tuple[str, ...] = (
     "Aortic enlargement",
     "Atelectasis",

@@ -1,6 +1,6 @@
 """Radiology report text: section splitting, the reference text-choice rule, and report readers.
 
-Readers cover the report formats of the public chest X-ray datasets (``datasets.md``): MIMIC-CXR free
+Readers cover the report formats of the public chest X-ray datasets: MIMIC-CXR free
 text files, the Indiana University (OpenI) ``ecgen-radiology`` XML files, and DICOM Structured Reports
 as found in hospital PACS exports. Report text is kept verbatim apart from whitespace: de-identification
 tokens such as ``XXXX`` (OpenI) or ``___`` (MIMIC-CXR) stay, because the released CXR-CLIP models were

@@ -2,7 +2,7 @@
 
 The released CXR-CLIP models use the Bio_ClinicalBERT vocabulary, whose Hugging Face directory holds
 only ``vocab.txt`` and ``config.json``: no tokenizer config, so BERT's default ``do_lower_case=True``
-applies (spec section 3). We build the tokenizer with the ``tokenizers`` library directly rather than
+applies. We build the tokenizer with the ``tokenizers`` library directly rather than
 through ``AutoTokenizer`` so nothing can reach for the network and behaviour does not drift with
 transformers releases; the tests compare it with transformers' own ``BertTokenizer``.
 """

@@ -1,1 +1,22 @@
-"""Archive to answers: store, ingestion, embedding pipeline, FAISS indices, search, benchmarks."""
+"""The search engine: archive to answers. Store, ingestion, embedding, FAISS indices, search, benchmarks.
+
+An index folder (:mod:`index.index_dir`) holds a relational store of studies, images, report sections
+and their vectors (the source of truth), plus three FAISS files (images, sections, studies) synced to it. ``index`` uses
+the core (``cxr_search``) and never imports ``train``.
+
+Modules:
+
+* ``store``: the relational store (SQLAlchemy; SQLite by default).
+* ``privacy``: the index's secret: pseudonymous patient keys and encrypted file paths.
+* ``ingest``: cataloguing an archive (PACS export or manifest) into store rows.
+* ``embed``: embedding the pending images and report sections into stored vectors.
+* ``index_dir``: index folders: create, open, remove studies, sync the FAISS files, stats.
+* ``build``: ``index build`` / ``index add``: catalogue, embed and sync in one run.
+* ``search``: text and image queries with filters.
+* ``html``: the ``--html`` page of hits.
+* ``verify``: ``index verify``: completeness and consistency checks.
+* ``commands``: the ``index`` and ``search`` CLI sub-apps.
+
+Packages: ``ann`` (FAISS indices: factory rule, building, the exact reference), ``bench`` (reproducible
+benchmarks and their CLI) and ``demo`` (``cxr-search demo``, end to end on a synthetic archive).
+"""

@@ -22,16 +22,15 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set,
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cxr_search.datasets.common import SkipLog
+from cxr_search.datasets.adapter_kit import SkipLog
 from cxr_search.datasets.header_scan import iter_headers
 from cxr_search.datasets.manifest import ManifestRow, iter_manifest
 from cxr_search.datasets.pacs import candidate_files, is_structured_report, radiograph_skip_reason
 from cxr_search.datasets.pacs_reports import Report, best_sr_report, read_csv_reports
 from cxr_search.errors import DatasetError, SearchIndexError
 from index.privacy import IndexSecret, scrub_path
-from index.store import Failure, Image, Patient
+from index.store import Failure, Image, Patient, Section, Series, Store, Study
 from index.store import Report as ReportRow
-from index.store import Section, Series, Store, Study
 
 logger = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ def _check_files(idx: IndexDir, deep: bool, problems: List[Dict[str, Any]], prog
 
 
 def _same_sop(path: str, sop: str) -> bool:
-    from cxr_search.dicom.read import read_dicom_header
+    from cxr_search.dicom.header import read_dicom_header
 
     try:
         return read_dicom_header(path).sop_instance_uid == sop

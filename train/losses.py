@@ -1,4 +1,4 @@
-"""CXR-CLIP training losses (spec section 4) as pure functions of L2-normalised embeddings.
+"""CXR-CLIP training losses (``docs/compatibility.md`` section 4) as pure functions of L2-normalised embeddings.
 
 Every term is a cross-entropy ``CE(A, B)`` of ``s * A @ B.T`` against the diagonal, where ``s =
 exp(logit_scale)`` is one shared learnable scale and ``B`` is gathered across all processes with a
@@ -170,8 +170,8 @@ def _clip(
     """CLIP term on pre-gathered tensors: mean over pairs of image->text, text->image, then averaged."""
     i2t: List[Tensor] = []
     t2i: List[Tensor] = []
-    for image, image_all in zip(images, images_all):
-        for text, text_all in zip(texts, texts_all):
+    for image, image_all in zip(images, images_all, strict=False):
+        for text, text_all in zip(texts, texts_all, strict=False):
             i2t.append(contrastive_ce(image, text_all, scale, offset, targets))
             t2i.append(contrastive_ce(text, image_all, scale, offset, targets))
     return (torch.stack(i2t).mean() + torch.stack(t2i).mean()) / 2
@@ -188,7 +188,7 @@ def clip_term(
     """Image-text contrastive term over every (image view, text) pair.
 
     Mean over the ``len(images) * len(texts)`` pairs of image->text CE, the same for text->image, and
-    the two directions averaged (spec: the 4 pairs (I1|I2) x (T1|T2)).
+    the two directions averaged (the reference uses the 4 pairs (I1|I2) x (T1|T2)).
 
     Args:
         images: Image embeddings, each [b, D].

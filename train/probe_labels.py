@@ -83,7 +83,7 @@ def subsample(n: int, fraction: float, seed: int) -> np.ndarray:
         ConfigError: ``fraction`` outside (0, 1].
     """
     if not (0.0 < fraction <= 1.0):
-        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}; the spec uses 0.1 and 1.0")
+        raise ConfigError(f"label fraction must be in (0, 1], got {fraction}; the reference protocol uses 0.1 and 1.0")
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
     if fraction >= 1.0:

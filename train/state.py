@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from cxr_search.checkpoints import save_model
-from cxr_search.fileio import write_json_atomic
 from cxr_search.errors import CheckpointError
+from cxr_search.fileio import write_json_atomic
 from cxr_search.model import CXRClip
 from cxr_search.safe_load import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["capture_rng", "latest_checkpoint", "load_state", "restore_rng", "save_checkpoint", "write_json_atomic"]
+__all__ = ["capture_rng", "latest_checkpoint", "load_state", "restore_rng", "save_checkpoint"]
 
 STATE_FILE = "state.pt"
 LATEST_FILE = "latest.json"

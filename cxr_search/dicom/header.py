@@ -3,13 +3,13 @@
 This module opens DICOM files (with or without the 128-byte preamble), rejects files that are
 not DICOM at all, and turns the handful of header attributes the engine needs into a
 :class:`DicomHeader` with normalised values (sex, age in years, study date, view position, pixel
-spacing). The value parsers live in :mod:`cxr_search.dicom.values` (re-exported here); like
-them, building a header is total: a value that cannot be understood becomes ``None`` (or
-``"UNKNOWN"`` for the view), never an exception.
+spacing). The value parsers live in :mod:`cxr_search.dicom.values`; like them, building a header
+is total: a value that cannot be understood becomes ``None`` (or ``"UNKNOWN"`` for the view), never
+an exception.
 
 :func:`read_dicom_header` reads with ``stop_before_pixels`` so that scanning a PACS export of a
 million files costs a fraction of a millisecond per file. The pixel reader lives in
-:mod:`cxr_search.dicom.read`, which re-exports everything public from here.
+:mod:`cxr_search.dicom.read`.
 
 Privacy: :attr:`DicomHeader.patient_name` is kept only so that ingestion can see (and drop) it;
 the search index must never store it. :meth:`DicomHeader.to_dict` leaves it out by default.
@@ -32,11 +32,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from cxr_search.dicom.values import (  # VIEWS and classify_view_text: re-exported
-    VIEWS,  # noqa: F401
+from cxr_search.dicom.values import (
     age_from_dates,
     as_text,
-    classify_view_text,  # noqa: F401
     normalise_view,
     parse_age,
     parse_da,

@@ -23,9 +23,9 @@ non-monotonic LUT, a histogram) touch every pixel.
 the time goes when ingesting compressed archives (2500x3000 lossless: 514 ms full, 47 ms at 1/4);
 that decoder and GDCM's direct 12-bit JPEG decode live in :mod:`cxr_search.dicom.codecs`.
 
-The header side (:class:`DicomHeader`, :func:`read_dicom_header`) lives in
-:mod:`cxr_search.dicom.header` and the value normalisers in :mod:`cxr_search.dicom.values`; both
-are re-exported here.
+The header side (:class:`~cxr_search.dicom.header.DicomHeader`,
+:func:`~cxr_search.dicom.header.read_dicom_header`) lives in :mod:`cxr_search.dicom.header` and the
+value normalisers in :mod:`cxr_search.dicom.values`.
 """
 
 from __future__ import annotations
@@ -53,17 +53,6 @@ from cxr_search.dicom.header import (
     capture_pydicom_warnings,
     header_from_dataset,
     read_dataset,
-    read_dicom_header,
-)
-from cxr_search.dicom.values import (
-    VIEWS,
-    age_from_dates,
-    classify_view_text,
-    normalise_view,
-    parse_age,
-    parse_da,
-    parse_pixel_spacing,
-    parse_sex,
 )
 from cxr_search.errors import (
     ColourImageError,
@@ -77,20 +66,7 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
-__all__ = [
-    "VIEWS",
-    "DicomHeader",
-    "DicomImage",
-    "age_from_dates",
-    "classify_view_text",
-    "normalise_view",
-    "parse_age",
-    "parse_da",
-    "parse_pixel_spacing",
-    "parse_sex",
-    "read_dicom",
-    "read_dicom_header",
-]
+__all__ = ["DicomImage", "read_dicom"]
 
 _COLOUR_PHOTOMETRICS = {
     "RGB", "ARGB", "CMYK", "HSV", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422",

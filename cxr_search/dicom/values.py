@@ -2,8 +2,7 @@
 
 Header values in the wild are messy, so every parser here is total: a value it cannot understand
 becomes ``None`` (or ``"UNKNOWN"`` for the view), never an exception. The parsers are public
-because ingestion of CSV metadata reuses them; :mod:`cxr_search.dicom.read` (and
-:mod:`cxr_search.dicom.header`) re-export them.
+because the dataset adapters reuse them on CSV metadata.
 """
 
 from __future__ import annotations

@@ -10,6 +10,17 @@ writes the same bytes every time, in one of three layouts:
 Every layout also gets ``ground_truth.csv`` (one row per image: identifiers, relative path, 0/1
 finding columns, side/size/zone attributes, CheXpert-style ``labels``).
 
+This package defines :func:`synthesize` and :class:`SynthSummary`. Modules:
+
+* ``plan``: the layout-independent plan: patients, studies, views, findings, reports.
+* ``findings``: sampling of findings and their ground truth.
+* ``reportgen``, ``phrases``: report text consistent with the findings, and its phrase banks.
+* ``phantom``: rendering of the films; ``scene`` (patient habitus, acquisition variation), ``frontal``,
+  ``lateral`` (anatomy), ``lesions`` (findings and devices) and ``canvas`` (drawing primitives) are its
+  parts.
+* ``pacs``, ``writers``: the DICOM PACS export, and the MIMIC-CXR / OpenI layouts plus ``ground_truth.csv``.
+* ``montage``: a contact sheet of one film per finding, for looking at the phantom.
+
 Example:
     >>> summary = synthesize("/tmp/archive", studies=20, seed=0, layout="mimic", image_size=128)
     >>> summary.studies
@@ -25,18 +36,9 @@ from pathlib import Path
 from typing import Dict, List, Union
 
 from cxr_search.errors import ConfigError, InputFileError
-from cxr_search.synth.findings import (
-    CHEXPERT_LABELS,
-    EXTRAS,
-    FINDINGS,
-    Finding,
-    StudyFindings,
-    sample_findings,
-)
+from cxr_search.synth.findings import EXTRAS, FINDINGS
 from cxr_search.synth.pacs import write_pacs
-from cxr_search.synth.phantom import Anatomy, render_study, render_view, sample_anatomy
 from cxr_search.synth.plan import plan_archive
-from cxr_search.synth.reportgen import Report, format_sections, generate_report
 from cxr_search.synth.writers import LayoutResult, write_ground_truth, write_mimic, write_openi
 
 logger = logging.getLogger(__name__)
@@ -141,21 +143,4 @@ def synthesize(
     )
 
 
-__all__ = [
-    "Anatomy",
-    "CHEXPERT_LABELS",
-    "EXTRAS",
-    "FINDINGS",
-    "Finding",
-    "LAYOUTS",
-    "Report",
-    "StudyFindings",
-    "SynthSummary",
-    "format_sections",
-    "generate_report",
-    "render_study",
-    "render_view",
-    "sample_anatomy",
-    "sample_findings",
-    "synthesize",
-]
+__all__ = ["LAYOUTS", "SynthSummary", "synthesize"]

@@ -264,7 +264,7 @@ def _sample_one(rng: np.random.Generator, name: str, chosen: Dict[str, Finding],
         return Finding(name, side="bilateral", size=size, uncertain=size == "mild" and rng.random() < 0.15)
     if name == "support_devices":
         p_dev = np.array([0.6, 0.5, 0.3, 0.45]) if portable else np.array([0.1, 0.35, 0.6, 0.1])
-        devs = tuple(d for d, p in zip(DEVICES, p_dev) if rng.random() < p)
+        devs = tuple(d for d, p in zip(DEVICES, p_dev, strict=False) if rng.random() < p)
         if not devs:
             devs = (DEVICES[int(rng.choice(4, p=p_dev / p_dev.sum()))],)
         device_side = _choice(rng, ["right", "left"], [0.75, 0.25])

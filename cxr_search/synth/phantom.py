@@ -27,7 +27,6 @@ from cxr_search.synth.findings import StudyFindings, sample_findings
 from cxr_search.synth.frontal import draw_frontal_anatomy, frontal_geometry
 from cxr_search.synth.lateral import draw_lateral_anatomy, lateral_geometry
 from cxr_search.synth.scene import (
-    SIDE_SIGN,
     VIEWS,
     Anatomy,
     RenderInfo,
@@ -280,15 +279,4 @@ def render_study(
     return img
 
 
-__all__ = [
-    "Anatomy",
-    "RenderInfo",
-    "SIDE_SIGN",
-    "VIEWS",
-    "Variation",
-    "film_shape",
-    "render_study",
-    "render_view",
-    "sample_anatomy",
-    "sample_variation",
-]
+__all__ = ["film_shape", "render_study", "render_view"]

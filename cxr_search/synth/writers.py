@@ -171,7 +171,7 @@ def write_mimic(plan: ArchivePlan, out: Path, size: int, broken: int) -> LayoutR
             split_rows.append([dicom_id, sid, subj, patient.split])
             res.rows.append(gt_row(st, patient_id=str(subj), study_id=str(sid), image_id=dicom_id, view=view, path=rel,
                                    split=patient.split))
-        for j in range(extra.get(st.index, 0)):
+        for _ in range(extra.get(st.index, 0)):
             # A corrupt JPEG (truncated or empty) listed in the metadata like any other image.
             dicom_id = "-".join(f"{int(x):08x}" for x in rng.integers(0, 2**32, size=5))
             rel = f"files/p{str(subj)[:2]}/p{subj}/s{sid}/{dicom_id}.jpg"

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from cxr_search.errors import SearchIndexError
-from index.ann.factory import candidate_factories, choose_factory, parse_factory, with_nlist
+from index.ann.factory import candidate_factories, parse_factory, with_nlist
 from index.ann.parts import DEFAULT_RERANK_K, check_ids, check_vectors
 from index.ann.reference import k_recall_at_k
 from index.ann.vector_index import VectorIndex
@@ -27,7 +27,7 @@ def _neighbours_without_self(index_search: Any, qids: np.ndarray, k: int) -> np.
     """Top-``k`` ids of each query row after dropping the query's own id (searching k+1)."""
     _, ids = index_search(k + 1)
     out = np.full((len(qids), k), -1, dtype=np.int64)
-    for r, (row, own) in enumerate(zip(ids, qids)):
+    for r, (row, own) in enumerate(zip(ids, qids, strict=False)):
         rest = row[row != own][:k]
         out[r, :len(rest)] = rest
     return out

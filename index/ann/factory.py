@@ -5,12 +5,13 @@ PCA, id selectors, exact re-ranking, input checks) are in :mod:`index.ann.parts`
 :func:`index.ann.build.build_index` trains, adds and tunes. The brute-force reference and the seeded
 test vectors are in :mod:`index.ann.reference`.
 
-The rule (:func:`choose_factory`), from ``engine-facts.md`` (2-core CPU, 512-d, inner product):
+The rule (:func:`choose_factory`), from the measurements in ``docs/engine-facts.md`` (2-core CPU, 512-d,
+inner product):
 
 * up to :data:`EXACT_THRESHOLD` vectors: ``"Flat"``. An exact scan of 100k x 512 float32 is 205 MB,
   ~9 ms a query at the measured ~22 GB/s (1M took 91 ms), needs no training, has recall 1.0 and removes
   ids exactly. Filtered search over a small allowed set is cheap too.
-* beyond: an IVF index (it removes ids in ~1 ms per 10k and takes ``IDSelector`` filters; HNSW cannot
+* beyond: an IVF index (it removed 10k ids in 0.01 s and takes ``IDSelector`` filters; HNSW cannot
   remove ids and costs ~2.3 KB a vector, so it is never chosen, only accepted as an explicit factory).
   The codec is the best scalar quantizer that fits the memory budget (bytes per vector *including* the
   8-byte id and the per-vector share of centroids and transform): ``Flat``, ``SQfp16``, ``SQ8``, ``SQ6``,
@@ -28,13 +29,10 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import faiss
-
-import numpy as np
 
 from cxr_search.errors import SearchIndexError
 
@@ -61,8 +59,8 @@ _IVF_RE = re.compile(r"(?:^|,)IVF(\d+)")
 def choose_nlist(n: int) -> int:
     """Number of IVF lists for ``n`` vectors: the power of two nearest ``4 * sqrt(n)``.
 
-    1M vectors gives 4096 (the engine-facts setting); capped at ``n / 39`` because FAISS wants at least
-    39 training points per centroid.
+    1M vectors gives 4096 (the setting measured in ``docs/engine-facts.md``); capped at ``n / 39``
+    because FAISS wants at least 39 training points per centroid.
     """
     if n < 1:
         return 1
@@ -127,7 +125,7 @@ def choose_factory(n: int, dim: int, *, bytes_per_vector: Optional[float] = None
     ``"Flat"`` (exact) up to :data:`EXACT_THRESHOLD`; beyond it an IVF index whose codec is the best
     that fits ``bytes_per_vector`` (bytes per vector including ids; default
     :data:`DEFAULT_BYTES_PER_VECTOR`, which for 1M x 512-d gives ``PCAR112,IVF4096,SQ6``). HNSW is never
-    chosen (it cannot remove ids). :func:`index.ann.vector_index.build_index` with ``factory=None`` refines this
+    chosen (it cannot remove ids). :func:`index.ann.build.build_index` with ``factory=None`` refines this
     choice among :func:`candidate_factories` by measured recall on a sample of the data.
 
     Raises:

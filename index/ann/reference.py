@@ -90,5 +90,5 @@ def k_recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) ->
     """k-recall@k: mean fraction of each query's exact top-``k`` ids found in its approximate top-``k``."""
     a, e = np.asarray(approx_ids)[:, :k], np.asarray(exact_ids)[:, :k]
     hits = [len(set(ar[ar >= 0].tolist()) & set(er[er >= 0].tolist())) / max(int((er >= 0).sum()), 1)
-            for ar, er in zip(a, e)]
+            for ar, er in zip(a, e, strict=False)]
     return float(np.mean(hits)) if hits else 1.0

@@ -32,8 +32,8 @@ import numpy as np
 from cxr_search.errors import SearchIndexError
 from cxr_search.fileio import atomic_write
 from index.ann.factory import ParsedFactory, parse_factory
-from index.ann.reference import exact_search
 from index.ann.parts import DEFAULT_RERANK_K, check_ids, check_vectors, id_selector, ip_pca_matrix, rerank_exact
+from index.ann.reference import exact_search
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from cxr_search.checkpoints import load_model
 from tests.helpers.numerics import assert_relative_close
+from tests.helpers.ports import free_port
 from tests.helpers.train_data import fast_overrides, make_manifest
 from train.config import get_recipe
 from train.metrics_log import read_metrics
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.ddp  # torchrun with two gloo processes (e2e: tests/con
 # (SyncBatchNorm needs a GPU), so only a LayerNorm model can match one process exactly on CPU.
 _MODEL = {"image": {"name": "test_convnext"},
           "text": {"bert_config": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
@@ -50,7 +44,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "cli", "train", "tiny-synth", "--data", str(manifest), "--out",
+           str(free_port()), "-m", "cli", "train", "tiny-synth", "--data", str(manifest), "--out",
            str(tmp_path / "two"), "--json", *sets]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]

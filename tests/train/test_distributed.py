@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import random
-import socket
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -18,15 +17,10 @@ import torch.multiprocessing as mp
 import train.distributed as td
 from cxr_search.errors import ConfigError
 from tests.helpers import dist_workers as dw
+from tests.helpers.ports import free_port
 
 WORLD = 2
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
@@ -101,11 +102,9 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     Raises:
         ConfigError: Unknown precision, or fp16 on a device other than a GPU.
     """
-    precision = resolve_precision(precision, device)
+    precision = _float_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 autocast needs a GPU; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -267,10 +266,7 @@ class Embedder:
         The model step of :meth:`embed_images`, for pipelines that read and preprocess images
         themselves. Returns float32 ``[B, D]`` with L2-normalised rows.
         """
-        self._check_eval()
-        with torch.inference_mode(), autocast_context(self._device, self._precision):
-            emb = self._model.encode_image(self._to_device(pixels))  # [B, D]
-        return emb.float().cpu().numpy()
+        return self._forward_pixels(self._model.encode_image, pixels)
 
     def image_features(
         self,
@@ -288,13 +284,7 @@ class Embedder:
         Raises:
             ImageReadError / DicomError: An item cannot be read (the message names the file).
         """
-
-        def step(pixels: torch.Tensor) -> np.ndarray:
-            self._check_eval()
-            with torch.inference_mode(), autocast_context(self._device, self._precision):
-                feats = self._model.image_features(self._to_device(pixels))  # [B, F]
-            return feats.float().cpu().numpy()
-
+        step = functools.partial(self._forward_pixels, self._model.image_features)  # [B, F] per batch
         dim = int(self._model.image_tower.feature_dim)
         return torch.from_numpy(self._over_images(items, step, dim, batch_size, num_workers, progress))
 
@@ -385,11 +375,15 @@ class Embedder:
                 "model: build a new Embedder (it puts the model in eval mode) when training is done"
             )
 
-    def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _forward_pixels(self, forward: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) -> np.ndarray:
+        """``forward`` (an image-side method of the model) on one preprocessed batch, as float32 numpy."""
+        self._check_eval()
         pixels = pixels.to(self._device, non_blocking=True)  # [B, 3, H, W]
         if self._channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        return pixels
+        with torch.inference_mode(), autocast_context(self._device, self._precision):
+            out = forward(pixels)  # [B, D] or [B, F]
+        return out.float().cpu().numpy()
 
     def _over_images(
         self,

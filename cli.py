@@ -2,7 +2,7 @@
 
 This module is the app, the wiring and the error-to-exit-code mapping; the command groups live next to
 the packages they drive: ``cxr_search.commands`` (model, embed, data, presets), ``train.commands``,
-``index.commands`` (index, search), ``index.bench.commands`` and ``index.demo`` (the demo's run and its
+``index.commands`` (index), ``index.search_commands`` (search), ``index.bench.commands`` and ``index.demo`` (the demo's run and its
 rendering; its training step is injected here because ``index`` must not import ``train``).
 
 User errors (:class:`cxr_search.errors.CxrSearchError`) are printed as one readable line on stderr and
@@ -24,9 +24,10 @@ from cxr_search.commands import data_app, embed_app, model_app, presets
 from cxr_search.errors import CxrSearchError
 from cxr_search.fileio import emit_json
 from index.bench.commands import bench_app
-from index.commands import index_app, search_app
+from index.commands import index_app
 from index.demo.defaults import DEFAULT_EPOCHS, DEFAULT_STUDIES
 from index.demo.render import print_demo_tables
+from index.search_commands import search_app
 from train.commands import train_app
 
 app = typer.Typer(

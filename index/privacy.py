@@ -82,6 +82,10 @@ class IndexSecret:
         """Look-up key of a file path (64 hex digits)."""
         return self._mac(b"path", str(path))
 
+    def uid_key(self, uid: str) -> str:
+        """Keyed HMAC of a Study or SOP Instance UID (what a removal tombstone keeps: never the UID itself)."""
+        return self._mac(b"uid", uid)
+
     def accession_key(self, accession: str) -> str:
         """Look-up key of an accession number (matched against report exports, never stored raw)."""
         return self._mac(b"accession", accession)

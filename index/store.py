@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: Image / section status values.
 PENDING, EMBEDDED, FAILED = "pending", "embedded", "failed"
+#: What a tombstone can name (see :class:`Tombstone`).
+TOMBSTONE_KINDS = ("patient", "study", "sop")
 _CHUNK = 500  # ids per IN (...) clause: below SQLite's and PostgreSQL's parameter limits
 
 
@@ -179,6 +181,22 @@ class Failure(Base):
     created: Mapped[_dt.datetime] = mapped_column(DateTime)
 
 
+class Tombstone(Base):
+    """A removal that must stick: later intakes skip what it names until it is lifted.
+
+    ``kind`` is ``patient`` (key: the patient's pseudonym, :meth:`IndexSecret.patient_key`), ``study``
+    or ``sop`` (key: :meth:`IndexSecret.uid_key` of the Study / SOP Instance UID). Only keyed HMACs are
+    kept, so a tombstone is no trace of the removed patient for anyone without the index secret.
+    """
+
+    __tablename__ = "tombstones"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    key: Mapped[str] = mapped_column(String(64))
+    created: Mapped[_dt.datetime] = mapped_column(DateTime)
+
+
+Index("ix_tombstones_kind_key", Tombstone.kind, Tombstone.key, unique=True)
 Index("ix_images_study_view", Image.study_id, Image.view)
 
 #: kind -> (row table, vector table, the vector table's id column)
@@ -395,6 +413,32 @@ class Store:
             s.execute(delete(Patient).where(Patient.id.in_(orphan)))
         return removed
 
+    # ------------------------------------------------------------------------------ tombstones
+    def tombstones(self) -> Dict[str, set]:
+        """``{"patient": {...}, "study": {...}, "sop": {...}}``: the keys every intake must skip."""
+        out: Dict[str, set] = {"patient": set(), "study": set(), "sop": set()}
+        with self.session() as s:
+            for kind, key in s.execute(select(Tombstone.kind, Tombstone.key)):
+                out.setdefault(kind, set()).add(key)
+        return out
+
+    def add_tombstones(self, s: Session, kind: str, keys: Iterable[str]) -> int:
+        """Record removals of ``kind`` (``patient``, ``study``, ``sop``); returns how many were new."""
+        if kind not in TOMBSTONE_KINDS:
+            raise ValueError(f"tombstone kind {kind!r}: one of {TOMBSTONE_KINDS}")
+        have = set(s.scalars(select(Tombstone.key).where(Tombstone.kind == kind)).all())
+        new = sorted(set(keys) - have)
+        for key in new:
+            s.add(Tombstone(kind=kind, key=key, created=utcnow()))
+        return len(new)
+
+    def lift_tombstones(self, s: Session, kind: str, keys: Iterable[str]) -> int:
+        """Lift removals (``index remove --undo``); returns how many were lifted."""
+        n = 0
+        for part in chunks(sorted(set(keys))):
+            n += s.execute(delete(Tombstone).where(Tombstone.kind == kind, Tombstone.key.in_(part))).rowcount or 0
+        return n
+
     def add_failure(self, s: Session, path_key: str, path_enc: str, stage: str, reason: str) -> None:
         """Record (or update) why a file could not be indexed."""
         row = s.scalar(select(Failure).where(Failure.path_key == path_key))
@@ -406,7 +450,8 @@ class Store:
 
 __all__ = [
     "Base", "Build", "EMBEDDED", "FAILED", "Failure", "Image", "ImageVector", "Meta", "PENDING", "Patient",
-    "Report", "SCHEMA_VERSION", "Section", "SectionVector", "Series", "Store", "Study", "VECTOR_TABLES", "chunks",
+    "Report", "SCHEMA_VERSION", "Section", "SectionVector", "Series", "Store", "Study", "TOMBSTONE_KINDS", "Tombstone",
+    "VECTOR_TABLES", "chunks",
     "default_url", "reorder", "safe_url", "utcnow",
     "open_engine", "vector_bytes", "vectors_from_bytes",
 ]

@@ -3,11 +3,15 @@
 Building an index from an archive (catalogue, embed, sync) is :func:`index.build.build`.
 
 An index folder holds ``index.json`` (model fingerprint and preprocessing, store URL, FAISS facts),
-``secret.key``, ``store.sqlite`` (unless the store is elsewhere) and three FAISS files whose ids
+``secret.key``, ``store.sqlite`` (unless the store is elsewhere), ``writer.lock`` (see :mod:`index.lock`)
+and three FAISS files whose ids
 are store primary keys: ``images.faiss`` (image ids), ``sections.faiss`` (report section ids) and
 ``studies.faiss`` (study ids; normalised mean of the study's image vectors). The store is the
 source of truth: after every change the FAISS files are *synced* to it (missing ids added, stray
 ids removed, changed studies replaced), so a run killed at any point is repaired by the next one.
+
+Readers open an index with ``IndexDir.open(root, readonly=True)``: nothing in the folder is created or
+changed, and the folder may be read-only (see :func:`index.engines.reader_engine`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from cxr_search.checkpoints import model_fingerprint
 from cxr_search.errors import SearchIndexError
@@ -30,12 +34,14 @@ from cxr_search.model import CXRClip
 from index.ann.build import build_index
 from index.ann.factory import choose_factory
 from index.ann.vector_index import VectorIndex
+from index.failures import failure_counts
+from index.layout import META_FILE, prepare_folder
+from index.lock import read_holders
 from index.privacy import IndexSecret
-from index.store import Build, Patient, Store, Study, default_url, reorder, safe_url, utcnow
+from index.store import Build, Store, Study, Tombstone, default_url, reorder, safe_url, utcnow
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "index.json"
 FORMAT = "cxr-search-index/1"
 KINDS = ("image", "section", "study")
 FAISS_FILES = {"image": "images.faiss", "section": "sections.faiss", "study": "studies.faiss"}
@@ -74,8 +80,14 @@ class IndexDir:
 
     # ------------------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, root: Union[str, Path], *, db_url: Optional[str] = None) -> "IndexDir":
+    def open(cls, root: Union[str, Path], *, db_url: Optional[str] = None, readonly: bool = False) -> "IndexDir":
         """Open an existing index folder.
+
+        Args:
+            root: The folder.
+            db_url: The store's URL when it is not the one the index records.
+            readonly: For reading only (searches, stats, verify): the store refuses writes, and nothing
+                in the folder is created or changed; the folder may be read-only.
 
         Raises:
             SearchIndexError: Not an index folder, or its metadata or store is unusable.
@@ -91,7 +103,8 @@ class IndexDir:
         if meta.get("format") != FORMAT:
             raise SearchIndexError(f"{meta_path}: index format {meta.get('format')!r}, this cxr-search reads {FORMAT}")
         url = db_url or os.environ.get("CXR_SEARCH_DB_URL") or meta.get("store_url") or default_url(root)
-        return cls(root, meta, Store(url), IndexSecret.load_or_create(root, create=False))
+        secret = IndexSecret.load_or_create(root, create=False)
+        return cls(root, meta, Store(url, readonly=readonly), secret)
 
     @classmethod
     def create_or_open(cls, root: Union[str, Path], model: CXRClip, *, db_url: Optional[str] = None) -> "IndexDir":
@@ -106,12 +119,7 @@ class IndexDir:
             idx = cls.open(root, db_url=db_url)
             idx.check_model(ident)
             return idx
-        if root.exists() and any(root.iterdir()):
-            leftovers = {p.name for p in root.iterdir()} - {"secret.key", "store.sqlite", "store.sqlite-wal",
-                                                           "store.sqlite-shm"}
-            if leftovers:
-                raise SearchIndexError(f"{root}: folder is not empty and holds no index; give a new or empty folder")
-        root.mkdir(parents=True, exist_ok=True)
+        prepare_folder(root)
         url = db_url or os.environ.get("CXR_SEARCH_DB_URL") or default_url(root)
         meta = {"format": FORMAT, **ident, "store_url": None if url == default_url(root) else safe_url(url),
                 "created": utcnow().isoformat(timespec="seconds"), "indices": {}}
@@ -267,29 +275,31 @@ class IndexDir:
             s.execute(update(Study).where(Study.vector_dirty.is_(True)).values(vector_dirty=False))
 
     # ------------------------------------------------------------------------------ removal
-    def remove(self, *, study_uids: Sequence[str] = (), patient_ids: Sequence[str] = ()) -> Dict[str, int]:
-        """Remove studies (by StudyInstanceUID) and all studies of patients (by PatientID) everywhere.
+    def remove(self, *, study_uids: Sequence[str] = (), patient_ids: Sequence[str] = (), sop_uids: Sequence[str] = (),
+               wait: float = 0.0, say: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+        """Remove patients, studies (StudyInstanceUID) and images (SOPInstanceUID) everywhere, for good.
 
-        Raises:
-            SearchIndexError: Nothing matched (the message says what was looked for).
+        Holds the writer lock; records tombstones so that no later intake brings them back (idempotent:
+        ids not in the index are not an error). See :func:`index.removal.remove`.
         """
-        keys = [self.secret.patient_key(p) for p in patient_ids]
-        with self.store.session() as s:
-            ids = set(s.scalars(select(Study.id).where(Study.study_uid.in_(list(study_uids)))).all()) if study_uids else set()
-            if keys:
-                pats = select(Patient.id).where(Patient.pseudo_id.in_(keys))
-                ids |= set(s.scalars(select(Study.id).where(Study.patient_id.in_(pats))).all())
-        if not ids:
-            what = ", ".join([f"study {u}" for u in study_uids] + [f"patient {p}" for p in patient_ids])
-            raise SearchIndexError(f"{self.root}: nothing to remove: no {what} in this index")
-        removed = self.store.remove_studies(sorted(ids))
-        self.sync()
-        return {k: len(v) for k, v in removed.items()}
+        from index.removal import remove
+
+        return remove(self, study_uids=study_uids, patient_ids=patient_ids, sop_uids=sop_uids, wait=wait, say=say)
+
+    def readmit(self, *, study_uids: Sequence[str] = (), patient_ids: Sequence[str] = (), sop_uids: Sequence[str] = (),
+                wait: float = 0.0, say: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+        """Lift the tombstones of earlier removals; the next intake re-admits them (:func:`index.removal.readmit`)."""
+        from index.removal import readmit
+
+        return readmit(self, study_uids=study_uids, patient_ids=patient_ids, sop_uids=sop_uids, wait=wait, say=say)
 
 
 def stats(index_dir: Union[str, Path], *, db_url: Optional[str] = None) -> Dict[str, Any]:
-    """Index totals, FAISS facts, model and the last builds."""
-    idx = IndexDir.open(index_dir, db_url=db_url)
+    """Index totals, failures by kind and reason, removals on record, FAISS facts, model, writer, last builds.
+
+    Opens the index read-only (works on a read-only folder, changes nothing).
+    """
+    idx = IndexDir.open(index_dir, db_url=db_url, readonly=True)
     try:
         counts = idx.store.counts()
         with idx.store.session() as s:
@@ -297,9 +307,15 @@ def stats(index_dir: Union[str, Path], *, db_url: Optional[str] = None) -> Dict[
             last = [{"id": b.id, "command": b.command, "created": b.created.isoformat(timespec="seconds"),
                      "finished": b.finished.isoformat(timespec="seconds") if b.finished else None,
                      "counts": b.counts} for b in builds]
+            tombs: Dict[str, int] = {}
+            for kind, n in s.execute(select(Tombstone.kind, func.count()).group_by(Tombstone.kind)):
+                tombs[kind] = int(n)
+        writers = [{"command": h.command, "pid": h.pid, "host": h.host, "user": h.user, "since": h.since}
+                   for h in read_holders(idx.root) if h.alive() is not False]
         return {"index": str(index_dir), "model_sha256": idx.meta.get("model_sha256"),
-                "model_source": idx.meta.get("model_source"), "totals": counts, "faiss": idx.meta.get("indices", {}),
-                "builds": last}
+                "model_source": idx.meta.get("model_source"), "totals": counts,
+                "failures": failure_counts(idx.store), "tombstones": tombs, "writers": writers,
+                "faiss": idx.meta.get("indices", {}), "builds": last}
     finally:
         idx.close()
 

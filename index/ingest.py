@@ -1,64 +1,61 @@
 """Cataloguing: archive (PACS export or manifest) to store rows, idempotent and committed in batches.
 
 A PACS export is walked once; files already catalogued (by the HMAC of their path) are not read
-again, so a killed run resumes where it stopped. Every other file gets a header-only read and
-becomes an image row (status ``pending``), a structured report source, or a failure row with its
-reason; the walk never stops on a bad file. Rows are upserted by UID (SOPInstanceUID,
-SeriesInstanceUID, StudyInstanceUID), so a file copied twice into an export is indexed once.
+again, so a killed run resumes where it stopped. Every other input is accounted for: it becomes an
+image row (status ``pending``), a study's report (DICOM SR), or a failure row with its reason, of
+stage ``scan`` (it failed), ``skipped`` (left out by rule: FIFOs are never opened, link loops are not
+followed twice ...) or ``duplicate`` (another copy of its SOPInstanceUID is indexed); inputs of a
+removed patient, study or instance (tombstones) are counted and leave no row. The identity these
+counts satisfy is in :mod:`index.ingest_accounting`; the walk never stops on a bad file. Rows are
+upserted by UID (SOPInstanceUID, SeriesInstanceUID, StudyInstanceUID), so a file copied twice into an
+export is indexed once, and the copy indexed is one that decodes (:mod:`index.ingest_copies`).
 Reports come from a RIS CSV (matched by accession number, then StudyInstanceUID), from DICOM SR
-objects of the tree, or from the manifest, and are split into sections (findings, impression; the
-whole text when it has neither).
+objects of the tree, or from the manifest (:mod:`index.ingest_reports`), and are split into
+sections (findings, impression; the whole text when it has neither).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from cxr_search.datasets.adapter_kit import SkipLog
 from cxr_search.datasets.header_scan import iter_headers
 from cxr_search.datasets.manifest import ManifestRow, iter_manifest
-from cxr_search.datasets.pacs import candidate_files, is_structured_report, radiograph_skip_reason
-from cxr_search.datasets.pacs_reports import Report, best_sr_report, read_csv_reports
+from cxr_search.datasets.pacs import export_entries, is_structured_report, radiograph_skip_reason
 from cxr_search.errors import DatasetError, SearchIndexError
+from index.ingest_accounting import CatalogueResult, Tombstones, patient_source
+from index.ingest_copies import FOUND_FIRST, duplicate_reason, duplicate_sop, not_decoded_note, switch_copy, was_tried
+from index.ingest_reports import attach_reports, settle_manifest_reports
 from index.privacy import IndexSecret, scrub_path
-from index.store import Failure, Image, Patient, Section, Series, Store, Study
-from index.store import Report as ReportRow
+from index.store import (
+    DECODE,
+    DUPLICATE,
+    FAILED,
+    SCAN,
+    SKIPPED,
+    Failure,
+    Image,
+    Patient,
+    Series,
+    Store,
+    Study,
+)
 
 logger = logging.getLogger(__name__)
 
 BATCH = 500  # files per transaction: a kill -9 loses at most this much cataloguing work
 _SEXES = {"M", "F", "O"}
+#: Reasons of the inputs left out by rule (stage ``skipped``) that the header scan can also give.
+_SKIP_PREFIXES = ("not a regular file",)
+REPORTS_CSV_INSIDE = "the reports CSV given with --reports"
 
-
-@dataclass
-class CatalogueResult:
-    """What one cataloguing pass did."""
-
-    files_seen: int = 0
-    files_known: int = 0
-    images_added: int = 0
-    duplicates: int = 0
-    failures_added: int = 0
-    reports_added: int = 0
-    sections_added: int = 0
-    skipped: Counter = field(default_factory=Counter)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready summary."""
-        return {
-            "files_seen": self.files_seen, "files_already_catalogued": self.files_known,
-            "images_added": self.images_added, "duplicate_sop_instance_uids": self.duplicates,
-            "failures_added": self.failures_added, "reports_added": self.reports_added,
-            "sections_added": self.sections_added, "failure_reasons": dict(self.skipped),
-        }
+__all__ = ["BATCH", "CatalogueResult", "Cataloguer", "catalogue"]
 
 
 @dataclass
@@ -90,6 +87,8 @@ class _Ids:
         self.studies: Dict[str, int] = dict(s.execute(select(Study.study_uid, Study.id)).all())
         self.series: Dict[str, int] = dict(s.execute(select(Series.series_uid, Series.id)).all())
         self.sops: Set[str] = set(s.scalars(select(Image.sop_uid)).all())
+        # Images whose file did not decode: a later copy of the same SOPInstanceUID takes their place.
+        self.failed: Dict[str, int] = dict(s.execute(select(Image.sop_uid, Image.id).where(Image.status == FAILED)).all())
 
 
 def _known_path_keys(s: Session) -> Set[str]:
@@ -97,17 +96,11 @@ def _known_path_keys(s: Session) -> Set[str]:
     return set(s.scalars(select(Image.path_key)).all())
 
 
-def section_rows(report: Report) -> List[Tuple[str, str]]:
-    """(kind, text) sections of a report: findings and impression, or the whole text when neither."""
-    findings, impression, text = report
-    out = [(kind, body) for kind, body in (("findings", findings), ("impression", impression)) if body]
-    if not out and text:
-        out.append(("report", text))
-    return out
-
-
 class Cataloguer:
-    """Upserts images, studies, series, patients, reports and failures into a store.
+    """Upserts images, studies, series, patients, reports and failure rows into a store.
+
+    Every input given to it is counted in :attr:`result` under exactly one outcome
+    (:mod:`index.ingest_accounting`).
 
     Args:
         store: The store.
@@ -120,7 +113,9 @@ class Cataloguer:
         with store.session() as s:
             self.ids = _Ids(s)
             self.known = _known_path_keys(s)
+        self.tombstones = Tombstones(store, secret)
         self.result = CatalogueResult()
+        self._added: Set[str] = set()  # path keys catalogued in this run (a manifest may repeat a file)
 
     # ------------------------------------------------------------------------------ upserts
     @staticmethod
@@ -152,12 +147,26 @@ class Cataloguer:
         return self._get_or_add(s, self.ids.series, item.series_uid,
                                 lambda: Series(series_uid=item.series_uid, study_id=study_id, modality=item.modality))
 
+    def removed(self, patient: str, study_uid: str, sop_uid: str) -> bool:
+        """Whether an input names a removed patient (its source string), study or instance (then it is counted
+        and leaves no row)."""
+        return self.tombstones.removed(patient, study_uid, sop_uid)
+
+    def skip_by_request(self, s: Session, path: str) -> None:
+        """Count an input of a removed patient, study or instance; any row an earlier run left for it goes."""
+        s.execute(delete(Failure).where(Failure.path_key == self.secret.path_key(path)))
+        self.result.skipped_by_request += 1
+
     def add_image(self, s: Session, item: _Item) -> None:
-        """Insert one image (a SOPInstanceUID already present is counted as a duplicate)."""
+        """Catalogue one image: a new image row, the new copy of an image that failed to decode, or a duplicate."""
         key = self.secret.path_key(item.path)
+        if key in self._added:  # the same file twice in one manifest: its first row accounts for it
+            self.result.duplicates += 1
+            return
+        self._added.add(key)
         self.known.add(key)
         if item.sop_uid in self.ids.sops:
-            self.result.duplicates += 1
+            self._another_copy(s, item, key)
             return
         study_id = self._study(s, item)
         s.add(Image(
@@ -166,172 +175,179 @@ class Cataloguer:
             rows=item.rows, columns=item.columns, photometric=item.photometric, transfer_syntax=item.transfer_syntax,
         ))
         self.ids.sops.add(item.sop_uid)
-        self.result.images_added += 1
+        self.result.indexed += 1
         # A file indexed after all is no longer a failure.
-        s.query(Failure).filter(Failure.path_key == key).delete()
+        s.execute(delete(Failure).where(Failure.path_key == key))
 
-    def add_failure(self, s: Session, path: str, stage: str, reason: str, detail: str = "") -> None:
-        """Record a file that cannot be indexed."""
+    def _another_copy(self, s: Session, item: _Item, key: str) -> None:
+        """A SOPInstanceUID already catalogued: replace a copy that failed to decode, else record a duplicate."""
+        own = s.scalar(select(Failure).where(Failure.path_key == key))
+        tried = own is not None and own.stage == DUPLICATE and was_tried(own.reason)
+        failed_id = self.ids.failed.get(item.sop_uid)
+        if failed_id is not None and not tried:
+            image = s.get(Image, failed_id)
+            if image is not None and image.status == FAILED:
+                old = s.scalar(select(Failure.reason).where(Failure.path_key == image.path_key,
+                                                              Failure.stage == DECODE))
+                facts = {"rows": item.rows, "columns": item.columns, "photometric": item.photometric,
+                         "transfer_syntax": item.transfer_syntax}
+                switch_copy(s, self.store, image, key, self.secret.encrypt_path(item.path),
+                            not_decoded_note(old or "failed in an earlier build"), facts)
+                del self.ids.failed[item.sop_uid]
+                self.result.indexed += 1
+                self.result.replaced += 1
+                return
+        if own is not None and own.stage == DUPLICATE and duplicate_sop(own.reason) == item.sop_uid:
+            self.result.duplicates += 1  # recorded by an earlier run, with what is known of this copy
+            return
+        self.record(s, item.path, DUPLICATE, duplicate_reason(item.sop_uid, FOUND_FIRST))
+
+    def record(self, s: Session, path: str, stage: str, reason: str, detail: str = "") -> None:
+        """Record an input that is not indexed (a failure, a skip or a duplicate) and count it.
+
+        Args:
+            s: Open session.
+            path: The input (stored only encrypted; removed from the reason text).
+            stage: ``scan``, ``skipped`` or ``duplicate``.
+            reason: Short, stable reason (what the counts group by).
+            detail: Longer message appended to the stored reason.
+        """
         text = f"{reason}: {detail}" if detail and detail != path else reason
         self.store.add_failure(s, self.secret.path_key(path), self.secret.encrypt_path(path), stage,
                                scrub_path(text, path))
-        self.result.failures_added += 1
-        self.result.skipped[reason] += 1
-
-    def add_report(self, s: Session, study_id: int, report: Report, source: str) -> None:
-        """Insert the report of a study with its sections (skipped when the study has one)."""
-        if s.scalar(select(ReportRow.id).where(ReportRow.study_id == study_id)) is not None:
-            return
-        sections = section_rows(report)
-        if not sections:
-            return
-        row = ReportRow(study_id=study_id, source=source, text=report[2] or "\n".join(t for _, t in sections))
-        s.add(row)
-        s.flush()
-        for kind, text in sections:
-            s.add(Section(report_id=row.id, study_id=study_id, kind=kind, text=text))
-        self.result.reports_added += 1
-        self.result.sections_added += len(sections)
+        if stage == SKIPPED:
+            self.result.skipped += 1
+            self.result.skipped_reasons[reason] += 1
+        elif stage == DUPLICATE:
+            self.result.duplicates += 1
+        else:
+            self.result.failures += 1
+            self.result.failure_reasons[reason] += 1
 
     # ------------------------------------------------------------------------------ sources
     def catalogue_pacs(
         self, root: Path, *, reports_csv: Optional[Path] = None, body_part_filter: bool = True,
         workers: int = 1, progress: bool = False,
     ) -> CatalogueResult:
-        """Walk a PACS export: new files become image, SR or failure rows, in batches."""
-        skips = SkipLog()
+        """Walk a PACS export: every entry becomes an image, a report, or a row saying why not, in batches."""
         sr_paths: Dict[str, List[str]] = {}
-
-        skip_key = self.secret.path_key(str(Path(reports_csv).resolve())) if reports_csv is not None else None
+        refused: List[Tuple[str, str, str]] = []  # (path, stage, reason) of entries that are not read
+        csv_key = self.secret.path_key(str(Path(reports_csv).resolve())) if reports_csv is not None else None
 
         def new_files() -> Iterator[Path]:
-            for path in candidate_files(root, skips):
-                if skip_key is not None and self.secret.path_key(str(path)) == skip_key:
-                    continue  # the RIS export given with --reports often sits inside the export folder
+            for entry in export_entries(root):
                 self.result.files_seen += 1
-                if self.secret.path_key(str(path)) in self.known:
-                    self.result.files_known += 1
+                path = str(entry.path)
+                if entry.reason:
+                    refused.append((path, SCAN if entry.failed else SKIPPED, entry.reason))
+                    if len(refused) >= BATCH:  # a tree of little else than FIFOs or links: commit as it goes
+                        self._commit_headers([], refused, sr_paths, body_part_filter)
                     continue
-                yield path
+                key = self.secret.path_key(path)
+                if key == csv_key:  # the RIS export given with --reports often sits inside the export folder
+                    refused.append((path, SKIPPED, REPORTS_CSV_INSIDE))
+                elif key in self.known:
+                    self.result.already_catalogued += 1
+                else:
+                    yield entry.path
 
         bar = _bar(progress, "cataloguing files", "file")
         batch: List[Tuple[str, Any, Optional[str], str]] = []
         for found in iter_headers(new_files(), workers=workers):
             batch.append(found)
             if len(batch) >= BATCH:
-                self._commit_headers(batch, sr_paths, body_part_filter)
+                self._commit_headers(batch, refused, sr_paths, body_part_filter)
                 bar.update(len(batch))
                 batch = []
-        self._commit_headers(batch, sr_paths, body_part_filter)
+        self._commit_headers(batch, refused, sr_paths, body_part_filter)
         bar.update(len(batch))
         bar.close()
-        # DICOMDIRs and zip files are skipped by name: counted, not failures.
-        self.result.skipped.update(skips.counts)
-        self.attach_reports(reports_csv, sr_paths)
+        attach_reports(self, reports_csv, sr_paths)
         return self.result
 
-    def _commit_headers(self, batch: List[Tuple[str, Any, Optional[str], str]], sr_paths: Dict[str, List[str]],
-                        body_part_filter: bool) -> None:
-        if not batch:
+    def _commit_headers(self, batch: List[Tuple[str, Any, Optional[str], str]], refused: List[Tuple[str, str, str]],
+                        sr_paths: Dict[str, List[str]], body_part_filter: bool) -> None:
+        if not batch and not refused:
             return
         with self.store.session() as s:
+            for path, stage, reason in refused:
+                self.record(s, path, stage, reason)
+            refused.clear()
             for path, header, reason, detail in batch:
-                if header is None:
-                    self.add_failure(s, path, "scan", reason or "unreadable DICOM", detail)
-                    continue
-                if is_structured_report(header):
-                    if header.study_instance_uid:
-                        sr_paths.setdefault(header.study_instance_uid, []).append(path)
-                    continue
-                why_not = radiograph_skip_reason(header, body_part_filter=body_part_filter)
-                if why_not is not None:
-                    self.add_failure(s, path, "scan", why_not)
-                    continue
-                self.add_image(s, _item_from_header(path, header))
+                self.take_header(s, path, header, reason, detail, sr_paths, body_part_filter=body_part_filter)
+
+    def take_header(self, s: Session, path: str, header: Any, reason: Optional[str], detail: str,
+                    sr_paths: Dict[str, List[str]], *, body_part_filter: bool = True) -> None:
+        """Catalogue one file from its header read (:func:`cxr_search.datasets.header_scan.header_or_reason`).
+
+        The one entry point for a file of any intake: an image row, an SR kept for its study's
+        report (``sr_paths``, settled by :func:`index.ingest_reports.attach_reports`), a removed
+        item (no row), or a row saying why it is not indexed.
+        """
+        if header is None:
+            why = reason or "unreadable DICOM"
+            self.record(s, path, SKIPPED if why.startswith(_SKIP_PREFIXES) else SCAN, why, detail)
+            return
+        study_uid, sop_uid = header.study_instance_uid or "", header.sop_instance_uid or ""
+        if self.removed(patient_source(header), study_uid, sop_uid):
+            self.skip_by_request(s, path)
+            return
+        if is_structured_report(header):
+            if study_uid:
+                sr_paths.setdefault(study_uid, []).append(path)
+            else:
+                self.record(s, path, SCAN, "SR with no StudyInstanceUID")
+            return
+        why_not = radiograph_skip_reason(header, body_part_filter=body_part_filter)
+        if why_not is not None:
+            self.record(s, path, SCAN, why_not)
+            return
+        self.add_image(s, _item_from_header(path, header))
 
     def catalogue_manifest(self, manifest: Path, *, progress: bool = False) -> CatalogueResult:
         """Catalogue the rows of a manifest from ``cxr-search data prepare`` (reports included)."""
         bar = _bar(progress, "cataloguing manifest", "row")
-        reports: Dict[str, Report] = {}
-        batch: List[ManifestRow] = []
+        reports: Dict[str, Tuple[str, str, str]] = {}
+        batch: List[Tuple[_Item, bool]] = []  # (item, removed by request)
         for row in iter_manifest(manifest):
             self.result.files_seen += 1
-            if row.findings or row.impression or row.report_text:
-                reports.setdefault(row.study_id, (row.findings, row.impression, row.report_text))
-            path = _resolve(row.image_path, manifest)
-            if self.secret.path_key(path) in self.known:
-                self.result.files_known += 1
-                continue
-            batch.append(row)
+            item = _item_from_row(row, manifest)
+            removed = self.removed(item.patient_source, item.study_uid, item.sop_uid)
+            if not removed:
+                if row.findings or row.impression or row.report_text:
+                    reports.setdefault(row.study_id, (row.findings, row.impression, row.report_text))
+                key = self.secret.path_key(item.path)
+                if key in self.known and key not in self._added:  # catalogued by an earlier run
+                    self.result.already_catalogued += 1
+                    continue
+            batch.append((item, removed))
             if len(batch) >= BATCH:
-                self._commit_rows(batch, manifest)
+                self._commit_items(batch)
                 bar.update(len(batch))
                 batch = []
-        self._commit_rows(batch, manifest)
+        self._commit_items(batch)
         bar.update(len(batch))
         bar.close()
-        with self.store.session() as s:
-            for study_uid, report in reports.items():
-                sid = self.ids.studies.get(study_uid)
-                if sid is not None:
-                    self.add_report(s, sid, report, "manifest")
+        settle_manifest_reports(self, reports)
         return self.result
 
-    def _commit_rows(self, batch: List[ManifestRow], manifest: Path) -> None:
+    def _commit_items(self, batch: List[Tuple[_Item, bool]]) -> None:
         if not batch:
             return
         with self.store.session() as s:
-            for row in batch:
-                self.add_image(s, _item_from_row(row, manifest))
-
-    def attach_reports(self, reports_csv: Optional[Path], sr_paths: Dict[str, List[str]]) -> None:
-        """Give studies without a report one from the CSV (first) or their SR objects."""
-        with self.store.session() as s:
-            missing = s.execute(
-                select(Study.id, Study.study_uid, Study.accession_key).where(~Study.id.in_(select(ReportRow.study_id)))
-            ).all()
-        if not missing:
-            return
-        by_key = {acc: sid for sid, _, acc in missing if acc}
-        by_uid = {uid: sid for sid, uid, _ in missing}
-        found: Dict[int, Tuple[Report, str]] = {}
-        if reports_csv is not None:
-            acc_reports, uid_reports, _ = read_csv_reports(reports_csv, _KeyedSet(self.secret, by_key), set(by_uid))
-            for acc, report in acc_reports.items():
-                found.setdefault(by_key[self.secret.accession_key(acc)], (report, "csv"))
-            for uid, report in uid_reports.items():
-                found.setdefault(by_uid[uid], (report, "csv"))
-        skips = SkipLog()
-        for uid, paths in sr_paths.items():
-            sid = by_uid.get(uid)
-            if sid is not None and sid not in found:
-                report = best_sr_report(paths, skips)
-                if report is not None:
-                    found[sid] = (report, "sr")
-        with self.store.session() as s:
-            for sid, (report, source) in found.items():
-                self.add_report(s, sid, report, source)
-
-
-class _KeyedSet:
-    """A set of accession numbers known only by their keys: ``acc in s`` tests its HMAC."""
-
-    def __init__(self, secret: IndexSecret, keys: Iterable[str]) -> None:
-        self.secret = secret
-        self.keys = set(keys)
-
-    def __contains__(self, accession: object) -> bool:
-        return isinstance(accession, str) and self.secret.accession_key(accession) in self.keys
+            for item, removed in batch:
+                if removed:
+                    self.skip_by_request(s, item.path)
+                else:
+                    self.add_image(s, item)
 
 
 def _item_from_header(path: str, h: Any) -> _Item:
     return _Item(
         path=path, sop_uid=h.sop_instance_uid, study_uid=h.study_instance_uid, series_uid=h.series_instance_uid,
-        # The study stands in for a missing PatientID: it becomes its own patient.
-        patient_source=h.patient_id or f"study:{h.study_instance_uid}",
-        study_date=h.study_date, age=h.age_years, sex=h.sex, view=h.view or "UNKNOWN", modality=h.modality,
-        rows=h.rows, columns=h.columns, photometric=h.photometric_interpretation,
-        transfer_syntax=h.transfer_syntax_uid, accession=h.accession_number,
+        patient_source=patient_source(h), study_date=h.study_date, age=h.age_years, sex=h.sex,
+        view=h.view or "UNKNOWN", modality=h.modality, rows=h.rows, columns=h.columns,
+        photometric=h.photometric_interpretation, transfer_syntax=h.transfer_syntax_uid, accession=h.accession_number,
     )
 
 
@@ -367,13 +383,18 @@ def catalogue(
         raise DatasetError(f"{reports_csv}: reports CSV not found; give the RIS export file")
     cat = Cataloguer(store, secret)
     if archive.is_dir():
-        return cat.catalogue_pacs(archive.resolve(), reports_csv=reports_csv, workers=workers,
-                                  body_part_filter=body_part_filter, progress=progress)
-    if archive.is_file():
+        result = cat.catalogue_pacs(archive.resolve(), reports_csv=reports_csv, workers=workers,
+                                    body_part_filter=body_part_filter, progress=progress)
+    elif archive.is_file():
         if reports_csv is not None:
             raise SearchIndexError("--reports applies to a PACS export folder; a manifest carries its reports")
-        return cat.catalogue_manifest(archive.resolve(), progress=progress)
-    raise DatasetError(f"{archive}: no such folder or manifest; give a PACS export folder or a manifest CSV")
+        result = cat.catalogue_manifest(archive.resolve(), progress=progress)
+    else:
+        raise DatasetError(f"{archive}: no such folder or manifest; give a PACS export folder or a manifest CSV")
+    if result.accounted() != result.files_seen:  # a bug, not a user error: say so loudly, keep the rows
+        logger.error("intake accounting does not add up: %d inputs, %d accounted for (%s)", result.files_seen,
+                     result.accounted(), result.to_dict())
+    return result
 
 
 def _bar(enabled: bool, desc: str, unit: str) -> Any:

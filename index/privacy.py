@@ -27,7 +27,10 @@ SECRET_FILE = "secret.key"
 
 
 def scrub_path(text: str, path: Union[str, Path]) -> str:
-    """``text`` (an error message) with the file path replaced by ``<file>``: reasons are stored in clear."""
+    """``text`` (an error message) with the file path replaced by ``<file>``: reasons are stored in clear.
+
+    The path itself is stored only encrypted; ``index failures`` decrypts it and puts it back in place of ``<file>``.
+    """
     text = text.replace(str(path), "<file>")
     name = Path(str(path)).name
     return text.replace(name, "<file>") if len(name) > 3 else text
@@ -52,15 +55,22 @@ class IndexSecret:
     def load_or_create(cls, index_dir: Union[str, Path], *, create: bool) -> "IndexSecret":
         """Read ``INDEX_DIR/secret.key``, or create it when ``create`` and it is missing.
 
+        Loading only reads the file: it needs no write access to the folder or the file.
+
         Raises:
             SearchIndexError: Missing (and not creating) or unreadable secret.
         """
         path = Path(index_dir) / SECRET_FILE
         if path.is_file():
-            try:
+            try:  # read only: a read-only index folder (or file) loads like any other
                 return cls(bytes.fromhex(path.read_text().strip()))
             except ValueError as exc:
                 raise SearchIndexError(f"{path}: damaged index secret ({exc}); restore it from a backup") from exc
+            except PermissionError as exc:
+                raise SearchIndexError(
+                    f"{path}: cannot read the index secret (permission denied); it is readable by the index's "
+                    "owner only (mode 0600): search as that user, or give this user read access"
+                ) from exc
         if not create:
             raise SearchIndexError(
                 f"{path}: index secret missing; this is not an index folder, or the file was deleted "

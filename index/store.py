@@ -30,17 +30,18 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
-    create_engine,
+    TypeDecorator,
     delete,
-    event,
     func,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from cxr_search.errors import SearchIndexError
+from index.engines import reader_engine, sqlite_file, writer_engine
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,35 @@ SCHEMA_VERSION = 1
 PENDING, EMBEDDED, FAILED = "pending", "embedded", "failed"
 #: What a tombstone can name (see :class:`Tombstone`).
 TOMBSTONE_KINDS = ("patient", "study", "sop")
+#: Failure.stage values: inputs that failed (header scan, pixel decode) and inputs accounted for
+#: without failing (left out by rule, or the losing copy of a SOPInstanceUID duplicate).
+SCAN, DECODE, SKIPPED, DUPLICATE = "scan", "decode", "skipped", "duplicate"
+NOT_FAILED_STAGES = (SKIPPED, DUPLICATE)
 _CHUNK = 500  # ids per IN (...) clause: below SQLite's and PostgreSQL's parameter limits
+
+
+class OutsideText(TypeDecorator):
+    """Text that comes from outside (DICOM header facts, reports, error messages), stored alike on every backend.
+
+    PostgreSQL refuses NUL characters in text and values longer than a VARCHAR's length, both of which
+    SQLite stores: one odd file or report would fail a whole batch, and the build, on PostgreSQL only.
+    NULs are dropped and, with a ``length``, the value is clipped to it. Only descriptive columns use
+    this type; identifiers (UIDs, keys) keep plain types, as clipping one could merge two.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, length: Optional[int] = None) -> None:
+        super().__init__()
+        self.length = length
+        self.impl = String(length) if length else Text()  # the same DDL as the plain types
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.replace("\x00", "")
+        return value[: self.length] if self.length else value
 
 
 class Base(DeclarativeBase):
@@ -95,7 +124,7 @@ class Series(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_uid: Mapped[str] = mapped_column(String(128), unique=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    modality: Mapped[Optional[str]] = mapped_column(String(16))
+    modality: Mapped[Optional[str]] = mapped_column(OutsideText(16))
 
 
 class Image(Base):
@@ -108,12 +137,12 @@ class Image(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     path_key: Mapped[str] = mapped_column(String(64), index=True)
     path_enc: Mapped[str] = mapped_column(Text)
-    view: Mapped[str] = mapped_column(String(16), default="UNKNOWN")
-    modality: Mapped[Optional[str]] = mapped_column(String(16))
+    view: Mapped[str] = mapped_column(OutsideText(16), default="UNKNOWN")
+    modality: Mapped[Optional[str]] = mapped_column(OutsideText(16))
     rows: Mapped[Optional[int]] = mapped_column(Integer)
     columns: Mapped[Optional[int]] = mapped_column(Integer)
-    photometric: Mapped[Optional[str]] = mapped_column(String(32))
-    transfer_syntax: Mapped[Optional[str]] = mapped_column(String(64))
+    photometric: Mapped[Optional[str]] = mapped_column(OutsideText(32))
+    transfer_syntax: Mapped[Optional[str]] = mapped_column(OutsideText(64))
     status: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)
 
 
@@ -132,7 +161,7 @@ class Report(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), unique=True)
     source: Mapped[str] = mapped_column(String(32))
-    text: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(OutsideText())
 
 
 class Section(Base):
@@ -143,7 +172,7 @@ class Section(Base):
     report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
-    text: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(OutsideText())
     status: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)
 
 
@@ -177,7 +206,7 @@ class Failure(Base):
     path_key: Mapped[str] = mapped_column(String(64), unique=True)
     path_enc: Mapped[str] = mapped_column(Text)
     stage: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(OutsideText())
     created: Mapped[_dt.datetime] = mapped_column(DateTime)
 
 
@@ -216,27 +245,23 @@ def default_url(index_dir: Path) -> str:
     return f"sqlite:///{(Path(index_dir) / 'store.sqlite').resolve()}"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL: readers (searches) never block the writer (ingestion) and a kill -9 loses at most the
-    # open transaction; NORMAL sync is durable at every checkpoint and crash-safe in WAL mode.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def open_engine(url: str, *, create: bool) -> Engine:
+def open_engine(url: str, *, create: bool, readonly: bool = False) -> Engine:
     """An engine for ``url`` with the schema created (``create``) or checked.
+
+    Args:
+        url: SQLAlchemy URL.
+        create: Create the tables when missing (building).
+        readonly: Open for reading only: nothing is created or changed, not even a journal file once the
+            engine is disposed, and the index folder may be read-only (see :func:`index.engines.reader_engine`).
 
     Raises:
         SearchIndexError: The database cannot be opened, or has no cxr-search schema when
             ``create`` is False, or another schema version.
     """
+    if create and readonly:
+        raise ValueError("a store opened read-only cannot be created")
     try:
-        engine = create_engine(url, future=True)
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas)
+        engine = reader_engine(url) if readonly else writer_engine(url)
         if create:
             Base.metadata.create_all(engine)
         with Session(engine) as s:
@@ -251,7 +276,11 @@ def open_engine(url: str, *, create: bool) -> Engine:
                     f"{safe_url(url)}: store schema version {row.value}, this cxr-search reads {SCHEMA_VERSION}; rebuild the index"
                 )
     except SQLAlchemyError as exc:
-        raise SearchIndexError(f"{safe_url(url)}: cannot open the store: {exc.__class__.__name__}: {exc}") from exc
+        hint = ""
+        if readonly and sqlite_file(url) is not None:
+            hint = ("; in a read-only folder the store must have been closed cleanly (no store.sqlite-wal file "
+                    "without its store.sqlite-shm): open it once with write access, e.g. cxr-search index verify")
+        raise SearchIndexError(f"{safe_url(url)}: cannot open the store: {exc.__class__.__name__}: {exc}{hint}") from exc
     return engine
 
 
@@ -301,11 +330,13 @@ class Store:
     Args:
         url: SQLAlchemy URL (``sqlite:///...``, ``postgresql+psycopg://...``).
         create: Create the tables when missing (building); False when only reading.
+        readonly: Open for reading only (searches, stats, verify): see :func:`open_engine`.
     """
 
-    def __init__(self, url: str, *, create: bool = False) -> None:
+    def __init__(self, url: str, *, create: bool = False, readonly: bool = False) -> None:
         self.url = url
-        self.engine = open_engine(url, create=create)
+        self.readonly = readonly
+        self.engine = open_engine(url, create=create, readonly=readonly)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -327,12 +358,14 @@ class Store:
 
     # ------------------------------------------------------------------------------ counts
     def counts(self) -> Dict[str, int]:
-        """Totals: images (embedded), studies (with an embedded image), sections, failed, pending."""
+        """Totals: images (embedded), studies (with an embedded image), sections, failed (failure rows of the
+        scan and decode stages: not the skipped inputs and duplicate copies), pending."""
         with self.session() as s:
             n_img = s.scalar(select(func.count()).select_from(Image).where(Image.status == EMBEDDED)) or 0
             n_studies = s.scalar(select(func.count(func.distinct(Image.study_id))).where(Image.status == EMBEDDED)) or 0
             n_sec = s.scalar(select(func.count()).select_from(Section).where(Section.status == EMBEDDED)) or 0
-            n_fail = s.scalar(select(func.count()).select_from(Failure)) or 0
+            n_fail = s.scalar(select(func.count()).select_from(Failure)
+                              .where(Failure.stage.notin_(NOT_FAILED_STAGES))) or 0
             n_pending = s.scalar(select(func.count()).select_from(Image).where(Image.status == PENDING)) or 0
             n_pending += s.scalar(select(func.count()).select_from(Section).where(Section.status == PENDING)) or 0
             n_patients = s.scalar(select(func.count()).select_from(Patient)) or 0
@@ -385,33 +418,20 @@ class Store:
         return out
 
     # ------------------------------------------------------------------------------ removal
-    def remove_studies(self, study_ids: Sequence[int]) -> Dict[str, List[int]]:
-        """Delete studies with their series, images, reports, sections and vectors.
+    def scrub_deleted(self, s: Session) -> None:
+        """Make SQLite overwrite what this session deletes (``secure_delete``) instead of leaving it in free pages."""
+        if self.engine.dialect.name == "sqlite":
+            s.execute(text("PRAGMA secure_delete=ON"))
 
-        Returns:
-            The removed ids per kind (``image``, ``section``, ``study``) for the FAISS indices.
-        """
-        removed: Dict[str, List[int]] = {"image": [], "section": [], "study": []}
-        with self.session() as s:
-            for part in chunks(study_ids):
-                img = s.scalars(select(Image.id).where(Image.study_id.in_(part))).all()
-                sec = s.scalars(select(Section.id).where(Section.study_id.in_(part))).all()
-                for ipart in chunks(img):
-                    s.execute(delete(ImageVector).where(ImageVector.image_id.in_(ipart)))
-                for spart in chunks(sec):
-                    s.execute(delete(SectionVector).where(SectionVector.section_id.in_(spart)))
-                s.execute(delete(Section).where(Section.study_id.in_(part)))
-                s.execute(delete(Report).where(Report.study_id.in_(part)))
-                s.execute(delete(Image).where(Image.study_id.in_(part)))
-                s.execute(delete(Series).where(Series.study_id.in_(part)))
-                s.execute(delete(Study).where(Study.id.in_(part)))
-                removed["image"].extend(img)
-                removed["section"].extend(sec)
-                removed["study"].extend(part)
-            # Patients left without studies go too: nothing of them remains in the index.
-            orphan = select(Patient.id).where(~Patient.id.in_(select(Study.patient_id).distinct()))
-            s.execute(delete(Patient).where(Patient.id.in_(orphan)))
-        return removed
+    def checkpoint(self) -> bool:
+        """Fold SQLite's write-ahead log into the database file and empty it (after a removal, so the
+        deleted rows' old pages do not linger in ``store.sqlite-wal``). True when done (or not SQLite);
+        False when readers kept part of the log (it is folded in at a later checkpoint)."""
+        if self.engine.dialect.name != "sqlite":
+            return True
+        with self.engine.connect() as con:
+            busy, _, _ = con.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        return not busy
 
     # ------------------------------------------------------------------------------ tombstones
     def tombstones(self) -> Dict[str, set]:
@@ -449,7 +469,8 @@ class Store:
 
 
 __all__ = [
-    "Base", "Build", "EMBEDDED", "FAILED", "Failure", "Image", "ImageVector", "Meta", "PENDING", "Patient",
+    "Base", "Build", "DECODE", "DUPLICATE", "EMBEDDED", "FAILED", "Failure", "NOT_FAILED_STAGES", "SCAN", "SKIPPED",
+    "Image", "ImageVector", "Meta", "PENDING", "Patient",
     "Report", "SCHEMA_VERSION", "Section", "SectionVector", "Series", "Store", "Study", "TOMBSTONE_KINDS", "Tombstone",
     "VECTOR_TABLES", "chunks",
     "default_url", "reorder", "safe_url", "utcnow",

@@ -4,7 +4,8 @@ Checks: every embedded image and section row has exactly one stored vector and v
 FAISS file holds exactly the store's ids, each once (a missing id is a *gap*, an id without a row a
 *stray*); the study index holds one vector per study with embedded images; every build used the
 index's model (and the given model matches it); image files exist and are readable (``deep``: their
-DICOM header still names the same SOPInstanceUID).
+DICOM header still names the same SOPInstanceUID); every duplicate copy's image is indexed from a
+copy that decodes, and (``archive``) every file of the export has a row (:mod:`index.verify_intake`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy import func, select
 from cxr_search.errors import SearchIndexError
 from index.index_dir import KINDS, IndexDir, model_identity
 from index.store import EMBEDDED, VECTOR_TABLES, Build, Image
+from index.verify_intake import check_archive, check_copies
 
 logger = logging.getLogger(__name__)
 _EXAMPLES = 5
@@ -30,13 +32,16 @@ def _ids_problem(kind: str, what: str, ids: np.ndarray) -> Dict[str, Any]:
 
 
 def verify(index_dir: Union[str, Path], *, model: Any = None, deep: bool = False, db_url: Optional[str] = None,
-           progress: bool = False) -> Dict[str, Any]:
+           progress: bool = False, archive: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
     """Check an index; returns ``{"ok": bool, "problems": [...], "checked": {...}}``.
+
+    Duplicate copies are checked too, and, with ``archive`` (the export folder the index was built
+    from), that every file of it has a row (:mod:`index.verify_intake`).
 
     Raises:
         SearchIndexError: The folder is not an index (nothing can be checked).
     """
-    idx = IndexDir.open(index_dir, db_url=db_url)
+    idx = IndexDir.open(index_dir, db_url=db_url, readonly=True)
     problems: List[Dict[str, Any]] = []
     checked: Dict[str, Any] = {}
     try:
@@ -78,6 +83,9 @@ def verify(index_dir: Union[str, Path], *, model: Any = None, deep: bool = False
             except SearchIndexError as exc:
                 problems.append({"kind": "model", "problem": str(exc), "count": 1, "examples": []})
         checked["files"] = _check_files(idx, deep, problems, progress)
+        checked["duplicate_copies"] = check_copies(idx, deep, problems)
+        if archive is not None:
+            checked["archive_files"] = check_archive(idx, Path(archive), problems, progress)
     finally:
         idx.close()
     return {"index": str(index_dir), "ok": not problems, "problems": problems, "checked": checked}

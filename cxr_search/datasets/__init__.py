@@ -15,6 +15,7 @@ Modules:
 
 * ``manifest``: the manifest CSV: :class:`ManifestRow`, reading, validation and atomic writing.
 * ``adapter_kit``: what the adapters share: results and skip accounting, CSV tables, file discovery.
+* ``file_walk``: walking a folder: links followed with loop protection, FIFOs and devices never opened.
 * ``splits``: seeded, patient-disjoint splits (GLoRIA's 70/15/15, seeded hold-outs).
 * ``header_scan``: DICOM header reads for the adapters (failures become skip reasons; process pool).
 * ``mimic``, ``chexpert``, ``chestxray14``, ``openi``, ``vindr``, ``rsna``, ``siim``, ``chexpert5x200``:

@@ -8,12 +8,12 @@ import gzip
 import io
 import logging
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from cxr_search.datasets.file_walk import walk_files
 from cxr_search.datasets.manifest import (
     ManifestRow,
     order_rows,
@@ -28,6 +28,8 @@ PathLike = Union[str, Path]
 
 #: Maximum example paths/ids kept per skip reason in the summary.
 MAX_SKIP_EXAMPLES = 3
+#: The skip reason of a listed image whose file is not there (see :func:`finish`).
+MISSING_IMAGE = "image file missing"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,7 +140,17 @@ def finish(
 
     Raises:
         AssertionError: ``seeded_split`` and a patient is in two splits.
+        DatasetError: No row is left while the dataset's files listed images that were not found:
+            the layout promised images, so an empty manifest would hide a wrong folder.
     """
+    missing = skips.counts.get(MISSING_IMAGE, 0)
+    rows = list(rows)
+    if not rows and missing:
+        examples = ", ".join(skips.examples.get(MISSING_IMAGE, []))
+        raise DatasetError(
+            f"{root}: {dataset}: none of the {missing} images its files list was found (e.g. {examples}); give the "
+            "folder that holds the image folders (symbolic links to folders are followed) and check their permissions"
+        )
     notes = list(notes or [])
     unique: List[ManifestRow] = []
     seen: set = set()
@@ -215,22 +227,6 @@ def find_optional_file(root: Path, candidates: Sequence[str]) -> Optional[Path]:
             if path.is_file():
                 return path
     return None
-
-
-def walk_files(root: Path, *, skip_hidden: bool = True) -> Iterator[Path]:
-    """Every file below ``root``, streamed in a deterministic (sorted) order.
-
-    ``os.walk`` lists one folder at a time, so a million-file tree is never held in memory at once.
-    Symbolic links to folders are not followed (no cycles).
-    """
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: logger.warning("cannot list %s", e)):
-        if skip_hidden:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        dirnames.sort()
-        for name in sorted(filenames):
-            if skip_hidden and name.startswith("."):
-                continue
-            yield Path(dirpath) / name
 
 
 def index_files(
@@ -393,6 +389,7 @@ def view_from_text(*texts: Optional[str]) -> str:
 
 __all__ = [
     "CsvTable",
+    "MISSING_IMAGE",
     "PrepareResult",
     "SkipLog",
     "finish",
@@ -406,5 +403,4 @@ __all__ = [
     "read_csv",
     "read_id_list",
     "require_dir",
-    "walk_files",
 ]

@@ -33,6 +33,7 @@ from cxr_search.datasets.adapter_kit import (
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.datasets.splits import holdout_split
 from cxr_search.dicom.values import parse_age, parse_sex
+from cxr_search.errors import DatasetError
 from cxr_search.labels import chestxray14_finding_labels_to_labels
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def prepare_chestxray14(
         The rows and summary.
 
     Raises:
-        DatasetError: Missing Data_Entry / list files or columns (named).
+        DatasetError: Missing Data_Entry / list files or columns (named), or (``check_files``) no PNG
+            under an ``images*`` folder.
     """
     base = require_dir(root, "ChestX-ray14")
     entry_path = find_file(
@@ -79,7 +81,9 @@ def prepare_chestxray14(
         if duplicates:
             logger.warning("%s: %d PNG names occur twice under images*/; using the first (sorted)", base, duplicates)
         if not images:
-            logger.warning("%s: no PNG image found under an images*/ folder", base)
+            raise DatasetError(
+                f"{base}: no PNG image found under an images*/ folder (symbolic links to folders are followed); {_HINT}"
+            )
     skips = SkipLog()
     entries = []
     with CsvTable(entry_path, _REQUIRED, hint=_HINT) as table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from pathlib import Path
@@ -11,23 +12,38 @@ from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-
+#: The reason of a file the scanning user may not read.
+PERMISSION_DENIED = "permission denied"
 
 
 def header_or_reason(path: PathLike) -> Tuple[Optional[Any], Optional[str], str]:
     """Read a DICOM header, turning every failure into a skip reason (never raises on a bad file).
 
+    The file is checked with ``stat`` first: a FIFO, socket or device is never opened (reading a
+    FIFO blocks until someone writes to it), it gets the reason ``not a regular file (FIFO)``.
+
     Returns:
         (header or None, short reason or None, detail message).
     """
+    from cxr_search.datasets.file_walk import non_regular_reason
     from cxr_search.dicom.header import read_dicom_header
     from cxr_search.errors import DicomError, NotDicomError
 
+    try:
+        why = non_regular_reason(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return None, "file not found", f"{path}: the file vanished after the folder was listed"
+    except OSError as exc:
+        return None, "unreadable file", f"{path}: {exc.strerror or exc}"
+    if why is not None:
+        return None, why, ""
     try:
         return read_dicom_header(path), None, ""
     except NotDicomError as exc:
         return None, "not DICOM", str(exc)
     except DicomError as exc:
+        if isinstance(exc.__cause__, PermissionError):
+            return None, PERMISSION_DENIED, str(exc)
         return None, "unreadable DICOM", str(exc)
     except Exception as exc:  # a bad file must never stop a scan of thousands
         logger.debug("%s: unexpected error reading the header", path, exc_info=True)
@@ -131,4 +147,4 @@ def readable_image_headers(paths: Iterable[PathLike], skips: Any, *, workers: in
     return headers
 
 
-__all__ = ["header_fields", "header_or_reason", "iter_headers", "readable_image_headers"]
+__all__ = ["PERMISSION_DENIED", "header_fields", "header_or_reason", "iter_headers", "readable_image_headers"]

@@ -13,6 +13,8 @@ Rules: the official split; view from ViewPosition (ViewCodeSequence meaning as a
 findings / impression by :func:`cxr_search.reports.split_sections`; ``report_text`` = the longer of
 the two (reference protocol); labels = the non-blank CheXpert (or NegBio) values. Images listed in the
 metadata but absent on disk are skipped; studies without a report file keep their images (label-only).
+The summary counts images per view and, per split, the studies without a PA or AP image, which the
+``cxr-clip`` retrieval protocol leaves out (it queries one frontal image per study, PA before AP).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import logging
 import os
 import re
 import zipfile
+from collections import Counter
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from cxr_search.datasets.adapter_kit import (
     CsvTable,
@@ -35,7 +38,7 @@ from cxr_search.datasets.adapter_kit import (
     require_dir,
     view_from_text,
 )
-from cxr_search.datasets.manifest import SPLITS, ManifestRow, clean_labels
+from cxr_search.datasets.manifest import FRONTAL_VIEWS, SPLITS, ManifestRow, clean_labels
 from cxr_search.errors import DatasetError, ReportError
 from cxr_search.labels import CHEXPERT_LABELS, chexpert_row_to_labels
 from cxr_search.reports import ReportSections, choose_report_text, read_report_text_file, split_sections
@@ -236,8 +239,25 @@ def prepare_mimic(
         notes.append(f"no report matched any study in {source.location}; check the reports option")
     return finish(
         NAME, base, rows, skips, notes=notes,
-        extra={"report_source": source.kind, "report_location": source.location},
+        extra={"report_source": source.kind, "report_location": source.location, **_view_counts(rows)},
     )
+
+
+def _view_counts(rows: List[ManifestRow]) -> Dict[str, Any]:
+    """Images per view (from ViewPosition) and, per split, the studies without a PA or AP image.
+
+    The cxr-clip retrieval protocol queries one frontal image per study (PA before AP) and leaves
+    these studies out; the counts let a user see how many before running it.
+    """
+    frontal: Dict[Tuple[str, str], bool] = {}
+    for row in rows:
+        key = (row.split, row.study_id)
+        frontal[key] = frontal.get(key, False) or row.view in FRONTAL_VIEWS
+    without = Counter(split for (split, _), has in frontal.items() if not has)
+    return {
+        "views": dict(sorted(Counter(r.view for r in rows).items())),
+        "studies_without_frontal": {split: without[split] for split in SPLITS if split in without},
+    }
 
 
 __all__ = ["NAME", "prepare_mimic"]

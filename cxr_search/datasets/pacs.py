@@ -1,8 +1,9 @@
 """Hospital PACS export: a folder tree of DICOM files plus reports (RIS CSV, text files or SR).
 
 The tree is walked once, streaming (one folder listed at a time), and every regular file is tried
-with a header-only read (:func:`cxr_search.dicom.header.read_dicom_header`), whatever its name: PACS
-exports often have no extensions. ``DICOMDIR`` index files and zip archives are skipped by name. A
+with a header-only read (:func:`cxr_search.dicom.header.read_dicom_header`), whatever its name (dot-files
+too): PACS exports often have no extensions. Symbolic links are followed with loop protection; FIFOs,
+sockets and devices are never opened. ``DICOMDIR`` index files and zip archives are skipped by name. A
 file that cannot be used is counted under a reason in the summary and never stops the scan.
 
 Kept: chest radiographs, i.e. single-frame greyscale images with pixel data whose Modality is CR or DX (also
@@ -27,7 +28,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Union
 
-from cxr_search.datasets.adapter_kit import PrepareResult, SkipLog, finish, require_dir, walk_files
+from cxr_search.datasets.adapter_kit import PrepareResult, SkipLog, finish, require_dir
+from cxr_search.datasets.file_walk import WalkEntry, walk_entries
 from cxr_search.datasets.header_scan import header_fields, iter_headers
 from cxr_search.datasets.manifest import ManifestRow
 from cxr_search.datasets.pacs_reports import (
@@ -105,6 +107,12 @@ def _is_sr(modality: Optional[str], sop_class: Optional[str]) -> bool:
     return (sop_class or "").startswith(SR_SOP_CLASS_PREFIX) or (modality or "").upper() == "SR"
 
 
+#: The longest UID DICOM allows (PS3.5 section 9.1).
+MAX_UID_LENGTH = 64
+_UID_FIELDS = {"StudyInstanceUID": "study_instance_uid", "SeriesInstanceUID": "series_instance_uid",
+               "SOPInstanceUID": "sop_instance_uid"}
+
+
 def radiograph_skip_reason(header: Any, *, body_part_filter: bool = True) -> Optional[str]:
     """Why a (non-SR) DICOM header is not a usable chest radiograph, or None when it is one.
 
@@ -126,6 +134,12 @@ def radiograph_skip_reason(header: Any, *, body_part_filter: bool = True) -> Opt
         return f"colour image ({photometric})"
     if not header.study_instance_uid or not header.sop_instance_uid:
         return "no StudyInstanceUID or SOPInstanceUID"
+    for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        uid = getattr(header, _UID_FIELDS[name]) or ""
+        if len(uid) > MAX_UID_LENGTH:
+            # DICOM caps a UID at 64 characters (PS3.5 9.1); a longer one is a broken export, and the store's
+            # UID columns (sized for any valid UID) must not be the place where it fails.
+            return f"{name} longer than {MAX_UID_LENGTH} characters ({len(uid)})"
     return None
 
 
@@ -134,18 +148,34 @@ def is_structured_report(header: Any) -> bool:
     return _is_sr(header.modality, header.sop_class_uid)
 
 
-def candidate_files(root: Path, skips: SkipLog) -> Iterator[Path]:
-    """Files worth a header read; DICOMDIRs and zip archives are skipped here."""
-    for count, path in enumerate(walk_files(root), start=1):
+def export_entries(root: Path) -> Iterator[WalkEntry]:
+    """Every entry of an export: regular files to read (``reason`` empty) and what is not read, with why.
+
+    Dot-files and dot-folders are walked like any other (a PACS export has no hidden files to
+    ignore, and every regular file is tried); symbolic links are followed with loop protection
+    (:func:`cxr_search.datasets.file_walk.walk_entries`). ``DICOMDIR`` index files and zip
+    archives are refused by name.
+    """
+    for count, entry in enumerate(walk_entries(root, skip_hidden=False), start=1):
         if count % _PROGRESS_EVERY == 0:
             logger.info("%s: %d files seen", root, count)
-        if path.name.upper() == "DICOMDIR":
-            skips.skip("DICOMDIR index file", path)
-            continue
-        if path.suffix.lower() == ".zip":
-            skips.skip("zip archive (unpack it to include its files)", path)
-            continue
-        yield path
+        if entry.reason:
+            yield entry
+        elif entry.path.name.upper() == "DICOMDIR":
+            yield WalkEntry(entry.path, "DICOMDIR index file")
+        elif entry.path.suffix.lower() == ".zip":
+            yield WalkEntry(entry.path, "zip archive (unpack it to include its files)")
+        else:
+            yield entry
+
+
+def candidate_files(root: Path, skips: SkipLog) -> Iterator[Path]:
+    """Files worth a header read; what :func:`export_entries` refuses goes to ``skips`` with its reason."""
+    for entry in export_entries(root):
+        if entry.reason:
+            skips.skip(entry.reason, entry.path)
+        else:
+            yield entry.path
 
 
 def prepare_pacs(
@@ -290,6 +320,6 @@ def _attach_reports(
 
 
 __all__ = [
-    "NAME", "RADIOGRAPH_MODALITIES", "candidate_files", "is_chest_body_part", "is_structured_report", "prepare_pacs",
+    "NAME", "RADIOGRAPH_MODALITIES", "candidate_files", "export_entries", "is_chest_body_part", "is_structured_report", "prepare_pacs",
     "pseudonymous_patient_id", "radiograph_skip_reason",
 ]

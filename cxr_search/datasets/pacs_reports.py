@@ -25,7 +25,8 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from cxr_search.datasets.adapter_kit import CsvTable, SkipLog, walk_files
+from cxr_search.datasets.adapter_kit import CsvTable, SkipLog
+from cxr_search.datasets.file_walk import walk_files
 from cxr_search.errors import DatasetError, ReportError
 from cxr_search.reports import (
     ReportSections,
@@ -156,21 +157,44 @@ def read_dir_report(path: Path, skips: SkipLog) -> Optional[Report]:
         return None
 
 
+#: Why an SR object gives no report (see :func:`read_sr_report`).
+SR_NO_TEXT = "SR with no text"
+SR_UNREADABLE = "unreadable structured report"
+
+
+def read_sr_report(path: str) -> Tuple[Optional[Report], str, str]:
+    """The report of one SR object.
+
+    Returns:
+        (report, "", "") when it holds text; otherwise (None, reason, detail) with the reason
+        :data:`SR_NO_TEXT` or :data:`SR_UNREADABLE`. Never raises on a bad file.
+    """
+    try:
+        report = as_report(extract_sr_text(path))
+    except ReportError as exc:
+        return None, SR_UNREADABLE, str(exc)
+    except Exception as exc:  # a corrupt SR must not stop the export
+        return None, SR_UNREADABLE, f"{path}: {type(exc).__name__}: {exc}"
+    if not report[2]:
+        return None, SR_NO_TEXT, ""
+    return report, "", ""
+
+
 def best_sr_report(paths: Iterable[str], skips: SkipLog) -> Optional[Report]:
     """The SR with the longest report text among ``paths``; None when none has text."""
     best: Optional[Report] = None
     for path in sorted(paths):
-        try:
-            report = as_report(extract_sr_text(path))
-        except ReportError as exc:
-            skips.skip("unreadable structured report", exc)
+        report, reason, detail = read_sr_report(path)
+        if report is None:
+            if reason == SR_UNREADABLE:
+                skips.skip(reason, detail)
             continue
-        except Exception as exc:  # a corrupt SR must not stop the export
-            skips.skip("unreadable structured report", f"{path}: {type(exc).__name__}: {exc}")
-            continue
-        if report[2] and (best is None or len(report[2]) > len(best[2])):
+        if best is None or len(report[2]) > len(best[2]):
             best = report
     return best
 
 
-__all__ = ["Report", "as_report", "best_sr_report", "index_report_dir", "read_csv_reports", "read_dir_report"]
+__all__ = [
+    "Report", "SR_NO_TEXT", "SR_UNREADABLE", "as_report", "best_sr_report", "index_report_dir", "read_csv_reports",
+    "read_dir_report", "read_sr_report",
+]

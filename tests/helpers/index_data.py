@@ -2,23 +2,21 @@
 
 The fixtures (the synthetic PACS export and the tiny model) are in ``tests/index/conftest.py``.
 
-Set ``CXR_SEARCH_TEST_DB_URL`` (e.g. ``postgresql+psycopg://user@localhost/cxr_test``) to run the
-store-backed tests against that database as well as SQLite; its tables are dropped and recreated
-before each test that uses it.
+The store-backed tests run on SQLite and on PostgreSQL: a server the tests start themselves
+(``tests/helpers/postgres.py``; skipped without Debian's ``postgresql``, a failure in CI), or the one
+``CXR_SEARCH_TEST_DB_URL`` names. Each test gets its own database.
 """
 
 from __future__ import annotations
 
-import atexit
 import csv
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
-PG_URL = os.environ.get("CXR_SEARCH_TEST_DB_URL")
-DB_PARAMS = ["sqlite"] + (["external"] if PG_URL else [])
+from tests.helpers.postgres import new_database
+
+DB_PARAMS = ["sqlite", "postgresql"]
 
 
 def ground_truth(root: Path) -> List[Dict[str, str]]:
@@ -27,50 +25,9 @@ def ground_truth(root: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def new_external_db(template: Optional[str] = None) -> str:
-    """A new, empty database on the external server (a copy of ``template``'s database when given).
-
-    Each test gets its own database, so tests that change an index never share a store. The user of
-    ``CXR_SEARCH_TEST_DB_URL`` needs the CREATEDB privilege; the databases are dropped at exit.
-    """
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    assert PG_URL
-    base = make_url(PG_URL)
-    name = f"{base.database}_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as con:
-        if template is not None:
-            con.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{make_url(template).database}"'))
-        else:
-            con.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = base.set(database=name).render_as_string(hide_password=False)
-    _CREATED.append(url)
-    return url
-
-
-def _drop_created() -> None:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    if not _CREATED:
-        return
-    admin = create_engine(make_url(PG_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as con:
-        for url in _CREATED:
-            con.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    admin.dispose()
-
-
-_CREATED: List[str] = []
-atexit.register(_drop_created)
-
-
 def db_url_for(param: str, template: Optional[str] = None) -> Optional[str]:
-    """None (the index folder's own SQLite file) or a new external database (copied from ``template``)."""
-    return new_external_db(template) if param == "external" else None
+    """None (the index folder's own SQLite file) or a new PostgreSQL database (copied from ``template``)."""
+    return new_database(template) if param == "postgresql" else None
 
 
 def copy_index(src: Path, dst: Path, db_url: Optional[str]) -> Optional[str]:
@@ -84,7 +41,7 @@ def copy_index(src: Path, dst: Path, db_url: Optional[str]) -> Optional[str]:
     import gc
 
     gc.collect()
-    return new_external_db(db_url)
+    return new_database(db_url)
 
 
 def copy_archive(src: Path, dst: Path, keep: Optional[set] = None) -> Path:

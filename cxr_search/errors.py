@@ -1,8 +1,9 @@
-"""Exception hierarchy for cxr-search.
+"""Exception hierarchy for cxr-search, and the exit codes of the command line.
 
 Every error a user can cause (bad file, bad configuration, bad checkpoint) raises a subclass of
 :class:`CxrSearchError`. The CLI maps each subclass to an exit code and prints its message without a
-traceback, so messages must say which file or key is wrong and what to do about it.
+traceback, so messages must say which file or key is wrong and what to do about it. :data:`EXIT_CODES`
+is the README's table of codes (a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -107,3 +108,23 @@ class TrainingError(CxrSearchError):
     """A training run that cannot go on as configured (out of memory, diverged loss, clashing run)."""
 
     exit_code = 8
+
+
+#: Exit code of a file-system failure (``OSError``) that no more specific error covers.
+OS_ERROR_EXIT = 9
+
+#: Every exit code of ``cxr-search`` -> what raises it (the README's table, column "raised as"; a test keeps
+#: them equal): a class of this module (its subclasses share its code), a builtin, or "" (no exception).
+EXIT_CODES = {
+    0: "",
+    1: "",  # `index verify` finding problems; an unexpected exception (a bug)
+    2: "ConfigError",  # and click's usage errors
+    3: "CheckpointError",
+    4: "TokenizerError",
+    5: "InputFileError",
+    6: "DatasetError",
+    7: "SearchIndexError",
+    8: "TrainingError",
+    9: "OSError",
+    130: "KeyboardInterrupt",
+}

@@ -50,11 +50,14 @@ def resolve_device(device: DeviceLike = None) -> torch.device:
     """``None``/``"auto"``: CUDA when available, else CPU.
 
     Raises:
-        ConfigError: A CUDA device was asked for and there is no GPU.
+        ConfigError: A CUDA device was asked for and there is no GPU, or ``device`` names no device.
     """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:  # torch's "Expected one of cpu, cuda, ... device type"
+        raise ConfigError(f"device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{device}' requested but no CUDA GPU is available; use --device cpu")
     return dev

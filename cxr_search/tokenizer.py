@@ -14,7 +14,7 @@ import json
 import logging
 import string
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from tokenizers.implementations import BertWordPieceTokenizer
@@ -168,6 +168,13 @@ class TextTokenizer:
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)  # [B, L]
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)  # [B, L]
         return {"input_ids": ids, "attention_mask": mask}
+
+    def encode(self, text: str) -> Any:
+        """The ``tokenizers`` Encoding of one text, truncated at ``max_length`` as batches are.
+
+        What truncation cut off is in its ``overflowing`` encodings (used to tell a user a query was cut).
+        """
+        return self._tok.encode(text)
 
     def tokenize(self, text: str) -> List[str]:
         """Token strings of one text, ``[CLS]``/``[SEP]`` included (for inspection)."""

@@ -8,14 +8,21 @@ Modules:
 
 * ``store``: the relational store (SQLAlchemy; SQLite by default).
 * ``privacy``: the index's secret: pseudonymous patient keys and encrypted file paths.
-* ``ingest``: cataloguing an archive (PACS export or manifest) into store rows.
+* ``ingest``: cataloguing an archive (PACS export or manifest) into store rows; ``ingest_accounting``
+  (what the intake did with every input, and the removals it honours), ``ingest_copies`` (duplicate
+  copies of a SOPInstanceUID: the one that decodes is kept), ``ingest_reports`` (RIS CSV, SR and
+  manifest reports).
 * ``embed``: embedding the pending images and report sections into stored vectors.
 * ``index_dir``: index folders: create, open, remove studies, sync the FAISS files, stats.
 * ``build``: ``index build`` / ``index add``: catalogue, embed and sync in one run.
+* ``filters``: what a query asks for (filters, k, level, returns), checked before anything is loaded.
 * ``search``: text and image queries with filters.
+* ``query_checks``: warnings about a query (unknown words, truncation).
+* ``model_ref``: which model to load for an index (the one it recorded, unless one is given).
 * ``html``: the ``--html`` page of hits.
-* ``verify``: ``index verify``: completeness and consistency checks.
-* ``commands``: the ``index`` and ``search`` CLI sub-apps.
+* ``verify``: ``index verify``: completeness and consistency checks (``verify_intake``: duplicate copies
+  and the files of the archive).
+* ``commands``: the ``index`` CLI sub-app; ``search_commands``: the ``search`` one.
 
 Packages: ``ann`` (FAISS indices: factory rule, building, the exact reference), ``bench`` (reproducible
 benchmarks and their CLI) and ``demo`` (``cxr-search demo``, end to end on a synthetic archive).

@@ -1,16 +1,17 @@
 """Queries: text -> images / studies, image -> report sections / images / studies, with filters.
 
-Filters (view, sex, age range, date range, modality) are resolved to the allowed ids in SQL and
-applied inside FAISS with an ID selector, so k hits come back whenever k match. Image queries
-exclude the query's own patient by default (its study included): a radiologist looking for similar
-cases does not want the same patient's other films, and an evaluation must not count them.
+Filters (view, sex, age range, date range, modality; parsed in :mod:`index.filters`) are resolved to
+the allowed ids in SQL and applied inside FAISS with an ID selector, so k hits come back whenever k
+match. Image queries exclude the query's own patient by default (its study included): a radiologist
+looking for similar cases does not want the same patient's other films, and an evaluation must not
+count them. :meth:`Searcher.query_text` and :meth:`Searcher.query_image` also say what the hits cannot
+show (:class:`index.query_checks.QueryWarning`): a query of unknown words, a truncated query, an image
+query that is itself in the index, filters that nothing matches.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -20,76 +21,16 @@ from sqlalchemy import and_, exists, select
 
 from cxr_search.errors import ConfigError, InputFileError
 from cxr_search.inference import Embedder
+from index.filters import Filters, check_k, check_level, check_returns
 from index.index_dir import IndexDir, model_identity
+from index.query_checks import QueryWarning, text_query_warnings
 from index.store import EMBEDDED, Image, Patient, Section, Study, chunks
 
 logger = logging.getLogger(__name__)
 
-LEVELS = ("image", "study")
-RETURNS = ("reports", "images", "studies")
-FILTER_KEYS = ("view", "sex", "age", "since", "until", "modality")
 _EXCERPT = 300
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Search filters; ``None`` means no constraint."""
-
-    views: Optional[Tuple[str, ...]] = None
-    sexes: Optional[Tuple[str, ...]] = None
-    age_min: Optional[float] = None
-    age_max: Optional[float] = None
-    since: Optional[_dt.date] = None
-    until: Optional[_dt.date] = None
-    modalities: Optional[Tuple[str, ...]] = None
-
-    @property
-    def empty(self) -> bool:
-        """Whether nothing is filtered."""
-        return all(v is None for v in asdict(self).values())
-
-
-def _date(text: str, key: str) -> _dt.date:
-    try:
-        return _dt.date.fromisoformat(text.strip())
-    except ValueError as exc:
-        raise ConfigError(f"filter {key}={text!r}: not a date; write YYYY-MM-DD") from exc
-
-
-def parse_filters(items: Iterable[str] = (), *, since: Optional[str] = None, until: Optional[str] = None) -> Filters:
-    """Parse ``key=value`` filters (``view=PA``, ``view=PA,AP``, ``sex=F``, ``age=40-60``, ``since=2020-01-01``).
-
-    Raises:
-        ConfigError: An unknown key or a malformed value (the message lists what is accepted).
-    """
-    out: Dict[str, Any] = {}
-    pairs = [str(i) for i in items] + ([f"since={since}"] if since else []) + ([f"until={until}"] if until else [])
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        key, value = key.strip().lower(), value.strip()
-        if not sep or not value:
-            raise ConfigError(f"filter {item!r}: write key=value, for example view=PA or age=40-60")
-        if key not in FILTER_KEYS:
-            raise ConfigError(f"unknown filter {key!r}; known filters: {', '.join(FILTER_KEYS)}")
-        if key in ("view", "modality"):
-            out["views" if key == "view" else "modalities"] = tuple(v.strip().upper() for v in value.split(",") if v.strip())
-        elif key == "sex":
-            sexes = tuple(v.strip().upper() for v in value.split(","))
-            if not set(sexes) <= {"M", "F", "O"}:
-                raise ConfigError(f"filter sex={value!r}: use M, F or O")
-            out["sexes"] = sexes
-        elif key == "age":
-            m = re.fullmatch(r"(\d+(?:\.\d+)?)?\s*-\s*(\d+(?:\.\d+)?)?|(\d+(?:\.\d+)?)", value)
-            if not m or not any(m.groups()):
-                raise ConfigError(f"filter age={value!r}: write a range such as 40-60, 40- or -60, or one age")
-            if m.group(3):
-                out["age_min"] = out["age_max"] = float(m.group(3))
-            else:
-                out["age_min"] = float(m.group(1)) if m.group(1) else None
-                out["age_max"] = float(m.group(2)) if m.group(2) else None
-        else:
-            out[key] = _date(value, key)
-    return Filters(**out)
+#: Cosine from which an indexed image is taken to be the query image itself.
+SAME_IMAGE_COSINE = 0.9999
 
 
 @dataclass
@@ -118,6 +59,31 @@ class Hit:
         return asdict(self)
 
 
+@dataclass
+class SearchResult:
+    """The hits of one query and what they cannot show.
+
+    Attributes:
+        hits: The hits, best first.
+        warnings: Things to tell the user about the query (empty when there are none).
+    """
+
+    hits: List[Hit]
+    warnings: List[QueryWarning] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict: ``hits`` and ``query_warnings``."""
+        return {"hits": [h.to_dict() for h in self.hits], "query_warnings": [w.to_dict() for w in self.warnings]}
+
+
+@dataclass(frozen=True)
+class _QueryIdentity:
+    path_keys: Tuple[str, ...] = ()
+    sop_uid: Optional[str] = None
+    study_uid: Optional[str] = None
+    patient_src: Optional[str] = None
+
+
 class Searcher:
     """Search an index folder with the model it was built with.
 
@@ -138,7 +104,7 @@ class Searcher:
 
     def __init__(self, index_dir: Union[str, Path], embedder: Embedder, *, db_url: Optional[str] = None,
                  text_precision: str = "auto") -> None:
-        self.index = IndexDir.open(index_dir, db_url=db_url)
+        self.index = IndexDir.open(index_dir, db_url=db_url, readonly=True)
         self.index.check_model(model_identity(embedder.model))
         self.embedder = embedder
         if text_precision == "auto":
@@ -156,73 +122,161 @@ class Searcher:
     # ------------------------------------------------------------------------------ queries
     def search_text(self, query: str, *, k: int = 10, level: str = "image",
                     filters: Optional[Filters] = None) -> List[Hit]:
-        """Images (or studies) matching a description.
+        """Images (or studies) matching a description (:meth:`query_text` without its warnings)."""
+        return self.query_text(query, k=k, level=level, filters=filters).hits
+
+    def search_image(self, image: Any, *, k: int = 10, returns: str = "images", filters: Optional[Filters] = None,
+                     include_same_patient: bool = False) -> List[Hit]:
+        """Report sections, images or studies similar to an image (:meth:`query_image` without its warnings)."""
+        return self.query_image(image, k=k, returns=returns, filters=filters,
+                                include_same_patient=include_same_patient).hits
+
+    def query_text(self, query: str, *, k: int = 10, level: str = "image",
+                   filters: Optional[Filters] = None) -> "SearchResult":
+        """Images (or studies) matching a description, with what the hits cannot show.
+
+        Warnings: the query's word pieces are mostly unknown to the tokenizer, the query was cut at
+        the tokenizer's length, no indexed item matches the filters.
 
         Raises:
             ConfigError: Empty query, bad k or level.
         """
-        if not query or not query.strip():
-            raise ConfigError("empty query; type a description such as 'large right pleural effusion'")
-        _check_k(k)
-        if level not in LEVELS:
-            raise ConfigError(f"unknown level {level!r}; use image or study")
-        vec = self.embedder.embed_texts([query.strip()], precision=self.text_precision)  # [1, D]
+        check_k(k)
+        check_level(level)
+        vec, warnings = self.embed_query_text(query)
         kind = "image" if level == "image" else "study"
-        return self._search(vec, kind, k, filters or Filters(), excluded_studies=set())
+        hits = self._search(vec, kind, k, filters or Filters(), excluded_studies=set(), warnings=warnings)
+        return SearchResult(hits, warnings)
 
-    def search_image(self, image: Any, *, k: int = 10, returns: str = "images", filters: Optional[Filters] = None,
-                     include_same_patient: bool = False) -> List[Hit]:
+    def query_image(self, image: Any, *, k: int = 10, returns: str = "images", filters: Optional[Filters] = None,
+                    include_same_patient: bool = False) -> "SearchResult":
         """Report sections, images or studies similar to an image (a path, PIL image or array).
 
         The query's own study and every study of its patient are excluded unless
         ``include_same_patient`` (known from the DICOM header, or from the store when the file is
-        indexed).
+        indexed). A query image that is itself in the index (same SOPInstanceUID, same file, or an
+        indexed image of the same content: cosine >= :data:`SAME_IMAGE_COSINE`) gets a warning.
 
         Raises:
             ConfigError: Bad k or ``returns``.
             InputFileError: The image cannot be read (the message names the file).
         """
-        _check_k(k)
-        if returns not in RETURNS:
-            raise ConfigError(f"unknown --return {returns!r}; use reports, images or studies")
+        check_k(k)
+        check_returns(returns)
+        if isinstance(image, (str, Path)) and Path(image).is_dir():
+            raise InputFileError(str(image), "is a directory; give one image file (DICOM, PNG or JPEG)")
         vec = self.embedder.embed_images([image])  # [1, D]
-        excluded = set() if include_same_patient else self._same_patient_studies(image)
+        identity = self._query_identity(image)
+        warnings: List[QueryWarning] = []
+        own = self._indexed_copy(vec, identity)
+        if own:
+            tail = ("it is among the hits" if include_same_patient else
+                    "its patient's studies are left out of the hits (--include-same-patient keeps them)")
+            warnings.append(QueryWarning("query_in_index", f"the query image is in the index ({own}); {tail}"))
+        excluded = set() if include_same_patient else self._same_patient_studies(identity)
         kind = {"reports": "section", "images": "image", "studies": "study"}[returns]
-        return self._search(vec, kind, k, filters or Filters(), excluded_studies=excluded)
+        hits = self._search(vec, kind, k, filters or Filters(), excluded_studies=excluded, warnings=warnings)
+        return SearchResult(hits, warnings)
+
+    def embed_query_text(self, query: str) -> Tuple[np.ndarray, List[QueryWarning]]:
+        """The embedding ``[1, D]`` of a text query and what its words tell (mostly unknown, truncated).
+
+        The only step of a text query that runs the model: a server serialises it and runs the rest
+        (FAISS, store) concurrently.
+
+        Raises:
+            ConfigError: Empty query.
+        """
+        if not query or not query.strip():
+            raise ConfigError("empty query; type a description such as 'large right pleural effusion'")
+        text = query.strip()
+        warnings = text_query_warnings(self.embedder.model.require_tokenizer(), text)
+        return self.embedder.embed_texts([text], precision=self.text_precision), warnings
+
+    def query_vector(self, vec: np.ndarray, kind: str, *, k: int = 10, filters: Optional[Filters] = None,
+                     excluded_studies: Iterable[int] = ()) -> "SearchResult":
+        """Hits of an embedding already at hand (e.g. an indexed image's stored vector: "more like this").
+
+        Args:
+            vec: float32 ``[1, D]``, L2-normalised, in the index's model space.
+            kind: ``image``, ``section`` or ``study``.
+            k: Number of hits.
+            filters: The filters.
+            excluded_studies: Store ids of studies whose items are left out.
+
+        Raises:
+            ConfigError: Bad k or kind.
+        """
+        check_k(k)
+        if kind not in ("image", "section", "study"):
+            raise ConfigError(f"unknown kind {kind!r}; use image, section or study")
+        warnings: List[QueryWarning] = []
+        hits = self._search(np.asarray(vec, dtype=np.float32).reshape(1, -1), kind, k, filters or Filters(),
+                            excluded_studies=set(excluded_studies), warnings=warnings)
+        return SearchResult(hits, warnings)
 
     def embed_query_image(self, image: Any) -> np.ndarray:
         """The query embedding of an image, ``[1, D]``."""
         return self.embedder.embed_images([image])
 
     # ------------------------------------------------------------------------------ internals
-    def _same_patient_studies(self, image: Any) -> Set[int]:
+    def _query_identity(self, image: Any) -> "_QueryIdentity":
+        """What identifies a query file in the store: its path keys and, for DICOM, its UIDs and patient."""
         if not isinstance(image, (str, Path)):
-            return set()
+            return _QueryIdentity()
         path = Path(image)
-        study_uid = patient_src = None
+        sec = self.index.secret
+        ident = _QueryIdentity(path_keys=tuple({sec.path_key(str(path)), sec.path_key(str(path.resolve()))}))
         try:
             from cxr_search.dicom.header import read_dicom_header
 
             header = read_dicom_header(path)
-            study_uid = header.study_instance_uid
-            patient_src = header.patient_id or (f"study:{study_uid}" if study_uid else None)
         except InputFileError:
-            pass  # not DICOM: identity only from the store below
+            return ident  # not DICOM: identity only from the store
+        study_uid = header.study_instance_uid
+        return _QueryIdentity(path_keys=ident.path_keys, sop_uid=header.sop_instance_uid, study_uid=study_uid,
+                              patient_src=header.patient_id or (f"study:{study_uid}" if study_uid else None))
+
+    def _indexed_copy(self, vec: np.ndarray, ident: "_QueryIdentity") -> Optional[str]:
+        """How the query image is in the index (``"SOPInstanceUID ..."``, ``"same file"``, ...), or None."""
+        with self.index.store.session() as s:
+            if ident.sop_uid:
+                row = s.execute(select(Image.id).where(Image.sop_uid == ident.sop_uid, Image.status == EMBEDDED)).first()
+                if row is not None:
+                    return f"SOPInstanceUID {ident.sop_uid}, image id {row[0]}"
+            for key in ident.path_keys:
+                row = s.execute(select(Image.id, Image.sop_uid).where(Image.path_key == key,
+                                                                      Image.status == EMBEDDED)).first()
+                if row is not None:
+                    return f"the same file, SOPInstanceUID {row[1]}, image id {row[0]}"
+        index = self.index.vector_index("image")
+        if not index.ntotal:
+            return None
+        rerank = None if index.kind == "flat" else (lambda ids: self.index.fetch_vectors("image", ids))
+        scores, ids = index.search(vec, 1, rerank=rerank)
+        if ids[0][0] >= 0 and float(scores[0][0]) >= SAME_IMAGE_COSINE:
+            with self.index.store.session() as s:
+                sop = s.scalar(select(Image.sop_uid).where(Image.id == int(ids[0][0])))
+            return f"an indexed image with the same content, SOPInstanceUID {sop}, image id {int(ids[0][0])}"
+        return None
+
+    def _same_patient_studies(self, ident: "_QueryIdentity") -> Set[int]:
         sec = self.index.secret
         with self.index.store.session() as s:
             pids: Set[int] = set()
             sids: Set[int] = set()
-            for key in {sec.path_key(str(path)), sec.path_key(str(path.resolve()))}:
+            for key in ident.path_keys:
                 for sid, pid in s.execute(select(Study.id, Study.patient_id).join(Image, Image.study_id == Study.id)
                                           .where(Image.path_key == key)).all():
                     sids.add(sid)
                     pids.add(pid)
-            if study_uid:
-                for sid, pid in s.execute(select(Study.id, Study.patient_id).where(Study.study_uid == study_uid)).all():
+            if ident.study_uid:
+                for sid, pid in s.execute(select(Study.id, Study.patient_id)
+                                          .where(Study.study_uid == ident.study_uid)).all():
                     sids.add(sid)
                     pids.add(pid)
-            if patient_src:
-                pid = s.scalar(select(Patient.id).where(Patient.pseudo_id == sec.patient_key(patient_src)))
+            if ident.patient_src:
+                pid = s.scalar(select(Patient.id).where(Patient.pseudo_id == sec.patient_key(ident.patient_src)))
                 if pid is not None:
                     pids.add(pid)
             if pids:
@@ -238,7 +292,7 @@ class Searcher:
         if f.age_min is not None:
             conds.append(Study.age_years >= f.age_min)
         if f.age_max is not None:
-            conds.append(Study.age_years <= f.age_max)
+            conds.append(Study.age_years < f.age_max + 1)  # whole years: 60.7 is 60
         if f.since is not None:
             conds.append(Study.study_date >= f.since)
         if f.until is not None:
@@ -271,9 +325,13 @@ class Searcher:
                 out.extend(s.scalars(select(col).where(table_study.in_(part))).all())
         return np.asarray(sorted(out), dtype=np.int64)
 
-    def _search(self, vec: np.ndarray, kind: str, k: int, f: Filters, *, excluded_studies: Set[int]) -> List[Hit]:
+    def _search(self, vec: np.ndarray, kind: str, k: int, f: Filters, *, excluded_studies: Set[int],
+                warnings: Optional[List[QueryWarning]] = None) -> List[Hit]:
         allowed = self._allowed_ids(kind, f)
         if allowed is not None and not len(allowed):
+            if warnings is not None:
+                what = {"image": "image", "section": "report section", "study": "study"}[kind]
+                warnings.append(QueryWarning("no_match", f"no indexed {what} matches the filters {f.describe()}"))
             return []
         excluded = self._excluded_ids(kind, excluded_studies)
         index = self.index.vector_index(kind)
@@ -330,11 +388,6 @@ class Searcher:
         return hits
 
 
-def _check_k(k: int) -> None:
-    if not isinstance(k, int) or k < 1 or k > 10_000:
-        raise ConfigError(f"k={k!r}: give a number of hits between 1 and 10000")
-
-
 def _excerpts(s: Any, study_ids: Iterable[int]) -> Dict[int, str]:
     """Report excerpt per study: the impression when there is one, else the first section."""
     out: Dict[int, Tuple[int, str]] = {}
@@ -356,4 +409,4 @@ def _study_images(s: Any, study_ids: Iterable[int]) -> Dict[int, List[Mapping[st
     return out
 
 
-__all__ = ["FILTER_KEYS", "Filters", "Hit", "LEVELS", "RETURNS", "Searcher", "parse_filters"]
+__all__ = ["Hit", "SAME_IMAGE_COSINE", "SearchResult", "Searcher"]

@@ -12,13 +12,13 @@ from typing import Any, List, Optional
 
 import click
 import typer
-from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from cxr_search.cli_options import DEVICE_HELP, JSON_HELP, MODEL_HELP, TOKENIZER_HELP, check_device
 from cxr_search.fileio import emit_json
-
-console = Console(stderr=True)
+from cxr_search.terminal import err_console as console
+from cxr_search.terminal import out_console, styled
 
 
 class _RecipeFirstGroup(TyperGroup):
@@ -47,7 +47,10 @@ def train_run(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ) -> None:
-    """Train a recipe on prepared manifests; a killed run continues with --resume."""
+    """Train a recipe on prepared manifests; a killed run continues with --resume.
+
+    Example: cxr-search train tiny-synth --data synth.csv --out runs/tiny --set optim.epochs=2
+    """
     from cxr_search.config import parse_set_options
     from train.config import get_recipe
     from train.trainer import train
@@ -73,8 +76,11 @@ def train_run(
 
 
 @train_app.command("recipes")
-def train_recipes(json_out: bool = typer.Option(False, "--json")) -> None:
-    """List the training recipes."""
+def train_recipes(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """List the training recipes.
+
+    Example: cxr-search train recipes --json
+    """
     from train.config import get_recipe, list_recipes
 
     rows = []
@@ -87,33 +93,37 @@ def train_recipes(json_out: bool = typer.Option(False, "--json")) -> None:
         return
     table = Table(title="training recipes")
     for col in ("name", "model", "init", "datasets", "epochs", "batch"):
-        table.add_column(col, no_wrap=col in ("name", "model"))
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["name"], r["model"], r["init"], ", ".join(r["datasets"]) or "any", str(r["epochs"]),
                       str(r["batch_size"]))
-    Console().print(table)
-    Console().print("details: `cxr-search train recipes --json`; override any field with --set key=value")
+    out_console.print(table)
+    console.print("details: `cxr-search train recipes --json`; override any field with --set key=value")
 
 
 @train_app.command("probe")
 def train_probe(
-    model: str = typer.Option(..., "--model", "-m", help="Model: our directory, a released .tar or a preset."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     data: List[Path] = typer.Option(..., "--data", "-d", help="Manifest CSV with labels (repeatable)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (released files)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
     fraction: float = typer.Option(1.0, "--fraction", min=0.0, max=1.0, help="Share of training labels: 0.1 or 1.0."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Default: 300 for 10 %, 30 for 100 %."),
-    train_split: str = typer.Option("train", "--train-split"),
-    test_split: str = typer.Option("test", "--test-split"),
-    seed: int = typer.Option(0, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    train_split: str = typer.Option("train", "--train-split", help="Manifest split the probe is trained on."),
+    test_split: str = typer.Option("test", "--test-split", help="Manifest split the AUROC is measured on."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the label subset, the initialisation and the batch order."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result JSON here too."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Linear probe (CXR-CLIP protocol): frozen image tower, one linear layer, BCE; per-class AUROC."""
+    """Linear probe (CXR-CLIP protocol): frozen image tower, one linear layer, BCE; per-class AUROC.
+
+    Example: cxr-search train probe -m models/r50_mcc --data chexpert.csv --fraction 0.1
+    """
     from cxr_search.checkpoints import load_model
     from cxr_search.inference import Embedder
     from train.probe import probe_from_manifest
 
+    check_device(device)
     m = load_model(model, tokenizer=tokenizer, require_tokenizer=False)
     embedder = Embedder(m, device=device, batch_size=64)
     result = probe_from_manifest(embedder, [str(p) for p in data], train_split=train_split, test_split=test_split,
@@ -127,11 +137,11 @@ def train_probe(
         emit_json(summary)
         return
     table = Table(title=f"linear probe: {int(fraction * 100)} % of labels, {result.epochs} epochs")
-    table.add_column("class")
+    table.add_column("class", overflow="fold")
     table.add_column("AUROC", justify="right")
     for name, auc in result.auroc.items():
         table.add_row(name, f"{auc:.4f}")
-    table.add_row("[bold]mean[/bold]", f"[bold]{result.mean_auroc:.4f}[/bold]")
-    Console().print(table)
+    table.add_row(styled("mean", "bold"), styled(f"{result.mean_auroc:.4f}", "bold"))
+    out_console.print(table)
     if result.skipped:
         console.print(f"skipped (one label value in the test split): {', '.join(result.skipped)}")

@@ -182,7 +182,12 @@ def _load_native(root: Path, tokenizer: Any) -> CXRClip:
     if missing or unexpected:
         raise CheckpointError(f"{weights}: missing {missing[:20]}, unexpected {unexpected[:20]}")
     model.load_state_dict(state, strict=True)
-    model.provenance = dict(meta.get("provenance") or {})
+    saved = dict(meta.get("provenance") or {})
+    # "source" is where these weights are loaded from now (an index records it to reload the model); what
+    # the folder was made from (a released file, a recipe) stays as "origin".
+    if "source" in saved:
+        saved.setdefault("origin", saved["source"])
+    model.provenance = {**saved, "source": str(root.resolve())}
     return model
 
 

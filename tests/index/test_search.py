@@ -15,7 +15,8 @@ from cxr_search.errors import ConfigError, SearchIndexError
 from cxr_search.inference import Embedder
 from cxr_search.model import create_model
 from index.build import BuildOptions, build
-from index.search import Searcher, parse_filters
+from index.filters import parse_filters
+from index.search import Searcher
 from index.store import EMBEDDED, Image, Study
 from tests.helpers.index_data import DB_PARAMS, db_url_for, ground_truth
 
@@ -88,7 +89,7 @@ def test_filters_return_k_matching_hits(spec, searcher: Searcher, tiny_embedder)
     def ok(row) -> bool:
         view, sex, age, date, _ = row
         return ((f.views is None or view in f.views) and (f.sexes is None or sex in f.sexes)
-                and (f.age_min is None or (age is not None and f.age_min <= age <= f.age_max))
+                and (f.age_min is None or (age is not None and f.age_min <= age < f.age_max + 1))
                 and (f.since is None or (date is not None and date >= f.since)))
 
     allowed = {i for i, row in table.items() if ok(row)}

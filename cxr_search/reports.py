@@ -196,9 +196,11 @@ REPORT_TEXT_RULES = ("longest", "findings", "impression", "both")
 def choose_report_text(findings: Optional[str], impression: Optional[str], rule: str = "longest") -> Optional[str]:
     """Pick the text that stands for a report.
 
-    ``"longest"`` is the CXR-CLIP reference protocol for MIMIC-CXR and OpenI retrieval: the longer of
-    findings and impression by number of characters (the reference implementation's intent; a
-    lexicographic ``max`` would pick "z short" over "a long finding text"). A tie goes to findings.
+    ``"longest"`` is the rule the CXR-CLIP authors state for their retrieval numbers: the longer of
+    findings and impression by number of characters. The reference's released preparation code writes
+    a lexicographic ``max`` instead (which picks "z short" over "a long finding text"); the retrieval
+    benchmark offers that literal rule as ``--text-rule reference-max``
+    (:mod:`cxr_search.evaluation.retrieval_protocol`). A tie goes to findings.
 
     Args:
         findings: Findings text; None or blank means absent.

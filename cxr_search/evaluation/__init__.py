@@ -8,7 +8,8 @@ Modules:
 
 * ``retrieval_metrics``: ranks, Recall@K, label-precision@K and bootstrap intervals (ties pessimistic).
 * ``classification_metrics``: AUROC, accuracy and F1 as pure functions.
-* ``retrieval_protocol``: which studies and texts a retrieval evaluation uses; lists of evaluated ids.
+* ``retrieval_protocol``: which studies, texts and query images a retrieval evaluation uses; lists of evaluated ids.
+* ``provenance``: what produced a benchmark number (version, git commit, model fingerprint, input hashes).
 * ``zeroshot_prompts``: zero-shot tasks and prompts (the reference pairs, GLoRIA's CheXpert bank, variants).
 * ``zeroshot``: the zero-shot classification benchmark (``cxr-search bench zeroshot``).
 * ``synth_heldout``: retrieval quality on held-out synthetic studies against the generator's ground truth.

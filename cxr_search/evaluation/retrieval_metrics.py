@@ -4,6 +4,10 @@ Ranks are 1-based and pessimistic on ties: a positive tied with k negatives is r
 so a constant model cannot look good. Scores within :data:`TIE_TOL` count as tied: identical vectors
 (a duplicated report text) can score a few float32 ulps apart depending on where a matrix product
 puts them in its SIMD lanes, and a tie must not depend on that.
+
+:func:`rank_bounds_from_scores` also gives the optimistic rank (ties resolved in the positive's favour):
+any order of tied items, such as the one a sort happens to return, gives a rank between the two, so
+the pair bounds what another evaluator that leaves ties to its sort can report.
 """
 
 from __future__ import annotations
@@ -123,7 +127,30 @@ def ranks_from_scores(scores: np.ndarray, ids: np.ndarray, positives: Sequence[I
     Raises:
         ValueError: A query without a positive, or whose positives are not among the returned ids.
     """
-    ranks = np.empty(len(scores), dtype=np.int64)
+    return rank_bounds_from_scores(scores, ids, positives)[0]
+
+
+def rank_bounds_from_scores(scores: np.ndarray, ids: np.ndarray,
+                            positives: Sequence[Iterable[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Pessimistic and optimistic best-positive rank per query from a full ranking.
+
+    Pessimistic (the rank every metric reports): non-positives tied with the best positive rank above
+    it. Optimistic: they rank below it; only non-positives scoring more than :data:`TIE_TOL` above the
+    best positive count. The two differ exactly for the queries with a tie at the positive's score.
+
+    Args:
+        scores: ``[Q, C]`` scores of each query's returned candidates (all ``C`` of them).
+        ids: ``[Q, C]`` candidate ids matching ``scores``.
+        positives: For each query, the ids of its positive candidates (at least one).
+
+    Returns:
+        ``(pessimistic, optimistic)``, int64 ``[Q]`` each, 1 = the top candidate.
+
+    Raises:
+        ValueError: A query without a positive, or whose positives are not among the returned ids.
+    """
+    pessimistic = np.empty(len(scores), dtype=np.int64)
+    optimistic = np.empty(len(scores), dtype=np.int64)
     for i in range(len(scores)):
         pos = np.fromiter(positives[i], dtype=np.int64)
         if pos.size == 0:
@@ -132,8 +159,10 @@ def ranks_from_scores(scores: np.ndarray, ids: np.ndarray, positives: Sequence[I
         if not is_pos.any():
             raise ValueError(f"query {i}: none of its positives was returned; search all candidates")
         best = scores[i][is_pos].max()
-        ranks[i] = 1 + int(np.count_nonzero(scores[i][~is_pos] >= best - TIE_TOL))
-    return ranks
+        others = scores[i][~is_pos]
+        pessimistic[i] = 1 + int(np.count_nonzero(others >= best - TIE_TOL))
+        optimistic[i] = 1 + int(np.count_nonzero(others > best + TIE_TOL))
+    return pessimistic, optimistic
 
 
 def bootstrap_recall(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10), *, resamples: int = 1000, seed: int = 0,

@@ -35,3 +35,19 @@ def test_ties_are_pessimistic_and_recall():
     assert r == {"R@1": 0.25, "R@5": 0.5, "R@10": 0.75, "mean_rank": 5.75}
     with pytest.raises(ValueError, match="no positive"):
         positive_ranks(q, c, [set()])
+
+
+def test_rank_bounds_count_ties_both_ways():
+    from cxr_search.evaluation.retrieval_metrics import TIE_TOL, rank_bounds_from_scores
+
+    # Query 0: positive (id 2) tied with ids 1 and 3 (one of them a few ulps away), id 0 above.
+    # Query 1: no tie.
+    scores = np.array([[0.9, 0.5, 0.5 + TIE_TOL / 4, 0.5 - TIE_TOL / 4, 0.1],
+                       [0.9, 0.7, 0.5, 0.3, 0.1]], dtype=np.float64)
+    ids = np.array([[0, 1, 2, 3, 4], [4, 0, 1, 2, 3]])
+    pess, opt = rank_bounds_from_scores(scores, ids, [{2}, {1}])
+    assert pess.tolist() == [4, 3] and opt.tolist() == [2, 3]
+    # Any order of the tied items gives a rank between the two bounds.
+    for order in ([1, 2, 3], [2, 1, 3], [3, 1, 2]):
+        rank = 2 + order.index(2)
+        assert opt[0] <= rank <= pess[0]

@@ -97,11 +97,11 @@ class _Crash(Exception):
 @pytest.mark.parametrize("where", ["embedding", "sync"])
 def test_resume_after_crash_has_no_duplicate_and_no_gap(where: str, built, pacs_archive: Path, tiny_model,
                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    db_url = db_url_for("external" if built[2] else "sqlite")
+    db_url = db_url_for("postgresql" if built[2] else "sqlite")
     out = tmp_path / "index"
     opts = BuildOptions(reports_csv=pacs_archive / "reports.csv", batch_size=4, db_url=db_url)
     if where == "embedding":
-        real = pipeline._write_image_batch
+        real = pipeline.write_image_batch
         calls = {"n": 0}
 
         def crashing(*args, **kwargs):
@@ -110,7 +110,7 @@ def test_resume_after_crash_has_no_duplicate_and_no_gap(where: str, built, pacs_
                 raise _Crash("killed")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(pipeline, "_write_image_batch", crashing)
+        monkeypatch.setattr(pipeline, "write_image_batch", crashing)
     else:
         monkeypatch.setattr(IndexDir, "_clear_dirty", lambda self: (_ for _ in ()).throw(_Crash("killed")))
     with pytest.raises(_Crash):
@@ -128,7 +128,7 @@ def test_resume_after_crash_has_no_duplicate_and_no_gap(where: str, built, pacs_
 
 
 def test_add_only_new_and_ids_survive(built, pacs_archive: Path, tiny_model, tmp_path: Path) -> None:
-    db_url = db_url_for("external" if built[2] else "sqlite")
+    db_url = db_url_for("postgresql" if built[2] else "sqlite")
     gt = ground_truth(pacs_archive)
     studies = sorted({r["study_id"] for r in gt})
     first = {r["path"] for r in gt if r["study_id"] in studies[:7]}
@@ -161,9 +161,9 @@ def test_remove_study_and_patient(built, pacs_archive: Path, tmp_path: Path) -> 
     victim_patient = gt[-1]["patient_id"]
     idx = IndexDir.open(out, db_url=db_url)
     try:
-        removed = idx.remove(study_uids=[victim_study], patient_ids=[victim_patient])
-        with pytest.raises(SearchIndexError, match="nothing to remove"):
-            idx.remove(study_uids=["1.2.3.404"])
+        removed = idx.remove(study_uids=[victim_study], patient_ids=[victim_patient])["removed"]
+        absent = idx.remove(study_uids=["1.2.3.404"])  # idempotent: not an error, and recorded all the same
+        assert absent["not_in_index"] == ["study 1.2.3.404"] and absent["tombstones_added"] == 1
     finally:
         idx.close()
     gone_studies = {r["study_id"] for r in gt if r["study_id"] == victim_study or r["patient_id"] == victim_patient}
@@ -254,34 +254,38 @@ def test_store_holds_no_names_ids_or_paths(built, pacs_archive: Path) -> None:
 @pytest.mark.slow
 def test_kill_9_then_same_command_resumes(built, pacs_archive: Path, tmp_path: Path) -> None:
     """A real SIGKILL in the middle of embedding; the same command then finishes the index."""
-    if built[2] is not None:
-        pytest.skip("polls the SQLite file; the external store is covered by the injected crashes")
     import os
     import signal
-    import sqlite3
     import subprocess
     import sys
     import time
 
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
     out = tmp_path / "index"
+    db_url = db_url_for("postgresql" if built[2] else "sqlite")
     cmd = [sys.executable, "-m", "cli", "index", "build", str(pacs_archive), "--model", "tiny", "--out", str(out),
            "--reports", str(pacs_archive / "reports.csv"), "--batch-size", "1", "--json"]
+    cmd += ["--db", db_url] if db_url else []
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     db = out / "store.sqlite"
+    watcher = create_engine(db_url or f"sqlite:///{db}")
     deadline = time.monotonic() + 120
     embedded = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        if db.is_file():
+        if db_url or db.is_file():
             try:
-                with sqlite3.connect(db, timeout=1) as con:
-                    embedded = con.execute("SELECT count(*) FROM image_vectors").fetchone()[0]
-            except sqlite3.OperationalError:
+                with watcher.connect() as con:
+                    embedded = con.execute(text("SELECT count(*) FROM image_vectors")).scalar_one()
+            except SQLAlchemyError:  # the build has not created the table yet
                 embedded = 0
             if embedded >= 3:
                 break
         time.sleep(0.05)
+    watcher.dispose()
     assert proc.poll() is None, f"the build ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -293,9 +297,9 @@ def test_kill_9_then_same_command_resumes(built, pacs_archive: Path, tmp_path: P
     summary = json.loads(done.stdout)
     assert summary["totals"] == built[1]["totals"]
     assert 0 < summary["added"]["images"] < summary["totals"]["images"]  # the first run's batches were kept
-    report = verify(out)
+    report = verify(out, db_url=db_url)
     assert report["ok"], report["problems"]
-    state = _state(out)
+    state = _state(out, db_url)
     assert set(state["images"]) == set(_state(built[0], built[2])["images"])
 
 

@@ -15,8 +15,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from cxr_search.fileio import write_text_atomic
 from index.demo.data import Truth, relative
+from index.filters import parse_filters
 from index.html import thumbnail_data_uri
-from index.search import Hit, Searcher, parse_filters
+from index.search import Hit, Searcher
 
 logger = logging.getLogger(__name__)
 

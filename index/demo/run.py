@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,7 @@ class DemoResult:
     model_dir: str = ""
     model_fingerprint: str = ""
     load_avg: Dict[str, List[float]] = field(default_factory=dict)
+    serve_command: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict."""
@@ -255,10 +257,16 @@ def run_demo(out_dir: Union[str, Path], *, train_fn: TrainFn, options: Optional[
              "model": result.model_fingerprint[:12]}
     result.gallery = str(write_demo_gallery(root / GALLERY, queries, {"retrieval": result.retrieval, "facts": facts}))
     result.timings_s["gallery"] = round(time.perf_counter() - t0, 2)
+    result.serve_command = serve_command(root)
     result.timings_s["total"] = round(time.perf_counter() - t_start, 2)
     result.load_avg["end"] = [round(x, 2) for x in os.getloadavg()]
     write_json_atomic(root / SUMMARY, result.to_dict(), default=str)
     return result
+
+
+def serve_command(root: Path) -> str:
+    """The one command that serves the demo's index (the index records its model: no ``--model``)."""
+    return shlex.join(["cxr-search", "serve", str(root / INDEX)])
 
 
 # ------------------------------------------------------------------------------------- the stages
@@ -282,20 +290,22 @@ def _build_index(root: Path, model: CXRClip, opts: DemoOptions) -> Dict[str, Any
 
 
 def _failures(root: Path) -> List[Dict[str, str]]:
-    """The index's recorded failures: file (relative to the archive), stage, reason."""
-    from sqlalchemy import select
-
+    """The index's inputs without an image (``index failures``): file relative to the archive, kind, stage, and
+    the reason with that file named in it (the store keeps the path encrypted, ``<file>`` in the reason)."""
+    from index.failures import list_failures
     from index.index_dir import IndexDir
-    from index.store import Failure
 
-    idx = IndexDir.open(root / INDEX)
+    idx = IndexDir.open(root / INDEX, readonly=True)  # a listing writes nothing
     try:
-        with idx.store.session() as s:
-            rows = s.execute(select(Failure.path_enc, Failure.stage, Failure.reason).order_by(Failure.id)).all()
-        return [{"path": dd.relative(root / dd.ARCHIVE, idx.secret.decrypt_path(enc)), "stage": stage, "reason": reason}
-                for enc, stage, reason in rows]
+        rows = list_failures(idx.store, idx.secret)
     finally:
         idx.close()
+    out = []
+    for f in rows:
+        rel = dd.relative(root / dd.ARCHIVE, f["path"])
+        out.append({"path": rel, "kind": f["kind"], "stage": f["stage"],
+                    "reason": (f["stored_reason"] or "").replace("<file>", rel)})
+    return out
 
 
 def _broken_check(root: Path, broken: Sequence[str], failures: Sequence[Mapping[str, str]]) -> Dict[str, Any]:
@@ -348,4 +358,4 @@ def _retrieval(rows: Sequence[ManifestRow], embedder: Embedder, opts: DemoOption
     return {"split": dd.TEST_SPLIT, **res}
 
 
-__all__ = ["DemoOptions", "DemoResult", "RECIPE", "TrainFn", "TrainRequest", "run_demo"]
+__all__ = ["DemoOptions", "DemoResult", "RECIPE", "TrainFn", "TrainRequest", "run_demo", "serve_command"]

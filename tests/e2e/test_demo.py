@@ -9,6 +9,7 @@ files as recorded failures, hits that exist on disk and exclude the query's pati
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -162,7 +163,10 @@ def test_demo_json_then_cached_rerun(tmp_path, capsys):
     assert split["test"]["patients"] > 0 and split["train"]["patients"] > 0
     assert first["index"]["totals"]["studies"] == 30  # the index holds held-out patients too
     assert first["broken_files"]["not_recorded"] == [] and first["broken_files"]["recorded"] >= 4
-    assert {f["stage"] for f in first["failures"]} == {"scan", "decode"}
+    failed = [f for f in first["failures"] if f["stage"] != "skipped"]
+    assert {f["stage"] for f in failed} == {"scan", "decode"}
+    # Inputs accounted for without being failures: the generator's SR object when its study has a RIS report.
+    assert all(f["reason"].startswith("SR ") for f in first["failures"] if f["stage"] == "skipped")
     kinds = [q["kind"] for q in first["queries"]]
     assert kinds.count("text->image") >= 5 and "image->reports" in kinds and "image->images" in kinds
     assert all(len(q["hits"]) == 8 for q in first["queries"])
@@ -174,6 +178,14 @@ def test_demo_json_then_cached_rerun(tmp_path, capsys):
     page = Path(first["gallery"]).read_text(encoding="utf-8")
     assert page.count("data:image/jpeg;base64,") >= 8 and "large right pleural effusion" in page
     assert set(first["timings_s"]) >= {"synthesize", "manifest", "cache", "train", "index", "queries", "bench", "total"}
+    # Failures as `index failures` lists them: the file named in its reason, no placeholder left.
+    assert all("<file>" not in f["reason"] for f in first["failures"])
+    assert any(f["path"] in f["reason"] for f in failed)
+    # The one command that serves the demo index: the index names its model, so no --model is needed.
+    from index.model_ref import resolve_model
+
+    assert first["serve_command"] == f"cxr-search serve {shlex.quote(str(out / 'index'))}"
+    assert Path(resolve_model(out / "index", None)) == Path(first["model_dir"]).resolve()
     # The killed run's stages are reused, training runs; the leftover partial archive is not an obstacle.
     assert first["reused"] == {"synthesize": True, "manifest": True, "cache": True, "train": False, "index": False}
     assert not (out / "archive.partial").exists()

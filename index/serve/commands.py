@@ -1,0 +1,238 @@
+"""``cxr-search serve ...``: run the server, manage its API tokens, read its audit log.
+
+``cxr-search serve INDEX_DIR`` is short for ``cxr-search serve start INDEX_DIR`` (the group runs
+``start`` when its first word is not one of its commands).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.table import Table
+from typer.core import TyperGroup
+
+from cxr_search.errors import ConfigError
+from cxr_search.fileio import emit_json
+from cxr_search.terminal import err_console, out_console, styled
+from index.serve.config import DEFAULT_UPLOAD_MB, ServeConfig, check_bind, default_state_dir, prepare_state_dir
+
+logger = logging.getLogger(__name__)
+_SETTINGS_ENV = "CXR_SEARCH_SERVE_SETTINGS"
+
+
+class _StartByDefault(TyperGroup):
+    """A group whose first argument, when not a command name, starts the server (``serve INDEX_DIR``)."""
+
+    def parse_args(self, ctx: Any, args: List[str]) -> List[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
+
+
+serve_app = typer.Typer(cls=_StartByDefault, no_args_is_help=True,
+                        help="Serve an index: web page for radiologists and JSON API (cxr-search serve INDEX_DIR).")
+tokens_app = typer.Typer(help="API tokens (shown once, stored hashed).", no_args_is_help=True)
+serve_app.add_typer(tokens_app, name="tokens")
+
+_STATE_HELP = "Folder of tokens, audit log and thumbnail cache (default INDEX_DIR/serve; needed for a read-only index)."
+
+
+def _state(index: Optional[Path], state_dir: Optional[Path]) -> Path:
+    if state_dir is not None:
+        return state_dir.expanduser()
+    if index is None:
+        raise ConfigError("give the index folder (--index INDEX_DIR) or the server's --state-dir")
+    return default_state_dir(index)
+
+
+def _settings(index_dir: Path, model: Optional[str], tokenizer: Optional[Path], db: Optional[str], device: str,
+              query_precision: str) -> dict:
+    return {"index_dir": str(index_dir), "model": model, "tokenizer": str(tokenizer) if tokenizer else None,
+            "db": db, "device": device, "query_precision": query_precision}
+
+
+def build_engine(settings: dict) -> Any:
+    """The warm engine of ``settings`` (model resolved from the index unless given).
+
+    Raises:
+        CxrSearchError: The index or model cannot be loaded, or they do not match.
+    """
+    from cxr_search.checkpoints import load_model
+    from cxr_search.inference import Embedder
+    from index.model_ref import resolve_model
+    from index.serve.engine import Engine
+
+    source = resolve_model(settings["index_dir"], settings.get("model"))
+    model = load_model(source, tokenizer=settings.get("tokenizer"), require_tokenizer=True)
+    embedder = Embedder(model, device=settings.get("device") or "auto")
+    return Engine(settings["index_dir"], embedder, db_url=settings.get("db"),
+                  text_precision=settings.get("query_precision") or "auto")
+
+
+def worker_app() -> Any:
+    """App factory of each uvicorn worker process (``--workers N``): settings come in an environment variable."""
+    from index.serve.app import create_app
+
+    data = json.loads(os.environ[_SETTINGS_ENV])
+    config = ServeConfig(state_dir=Path(data["config"]["state_dir"]), host=data["config"]["host"],
+                         max_upload_bytes=data["config"]["max_upload_bytes"],
+                         cors_origins=tuple(data["config"]["cors_origins"]), viewer_url=data["config"]["viewer_url"],
+                         cache_thumbnails=data["config"]["cache_thumbnails"])
+    return create_app(build_engine(data["engine"]), config)
+
+
+@serve_app.command("start")
+def start(
+    index_dir: Path = typer.Argument(..., help="Index folder (only read)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model; default: the one the index was built with."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (released checkpoints)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; not loopback only with API tokens."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port to listen on (0: a free one)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Worker processes (each loads the model)."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    db: Optional[str] = typer.Option(None, "--db", help="Store URL when not the index's own."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    query_precision: str = typer.Option("auto", "--query-precision", help="auto (int8 on CPU), int8, fp32, bf16, fp16."),
+    max_upload_mb: int = typer.Option(DEFAULT_UPLOAD_MB, "--max-upload-mb", min=1, help="Largest query image."),
+    cors_origins: List[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (repeatable); none by default."),
+    viewer_url: str = typer.Option("", "--viewer-url", help="PACS viewer link per study, with {study_uid}."),
+    thumbnail_cache: bool = typer.Option(True, "--thumbnail-cache/--no-thumbnail-cache",
+                                         help="Keep rendered thumbnails in STATE_DIR/thumbs."),
+    json_logs: bool = typer.Option(False, "--json-logs", help="Log one JSON object per line."),
+) -> None:
+    """Serve INDEX_DIR: the web page at /, the JSON API under /api/ (OpenAPI at /openapi.json), /healthz, /metrics.
+
+    Example: cxr-search serve /indices/chest --port 8000 --workers 2
+    """
+    import uvicorn
+
+    from index.serve.app import configure_logging, create_app
+    from index.serve.auth import TokenStore
+
+    if not (index_dir / "index.json").is_file():
+        raise ConfigError(f"{index_dir}: not an index folder (no index.json); build one with cxr-search index build")
+    state = prepare_state_dir(_state(index_dir, state_dir))
+    config = ServeConfig(state_dir=state, host=host, max_upload_bytes=max_upload_mb * 1024 * 1024,
+                         cors_origins=tuple(cors_origins), viewer_url=viewer_url, cache_thumbnails=thumbnail_cache)
+    warning = check_bind(host, TokenStore(config.tokens_file).configured())
+    if warning:
+        err_console.print(styled(f"warning: {warning}", "yellow"))
+    settings = _settings(index_dir, model, tokenizer, db, device, query_precision)
+    log_config = configure_logging(json_logs)
+    common = dict(host=host, port=port, log_config=log_config, access_log=False, server_header=False,
+                  timeout_graceful_shutdown=30)
+    if workers == 1:
+        engine = build_engine(settings)  # errors (model mismatch...) end here, with one line and an exit code
+        gen = engine.current()
+        err_console.print(f"serving {index_dir} (generation {gen.id}, {gen.counts['images']} images, "
+                          f"{gen.counts['studies']} studies) at http://{host}:{port}/ ; state in {state}")
+        uvicorn.run(create_app(engine, config), **common)
+        return
+    os.environ[_SETTINGS_ENV] = json.dumps({"engine": settings, "config": {
+        "state_dir": str(state), "host": host, "max_upload_bytes": config.max_upload_bytes,
+        "cors_origins": list(cors_origins), "viewer_url": viewer_url, "cache_thumbnails": thumbnail_cache}})
+    err_console.print(f"serving {index_dir} with {workers} workers at http://{host}:{port}/ ; state in {state}")
+    uvicorn.run("index.serve.commands:worker_app", factory=True, workers=workers, **common)
+
+
+@tokens_app.command("add")
+def tokens_add(
+    name: str = typer.Argument(..., help="Who or what uses the token (appears in the audit log)."),
+    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+) -> None:
+    """Create a token and print it once (only its hash is kept).
+
+    Example: cxr-search serve tokens add ris-gateway -i /indices/chest
+    """
+    from index.serve.auth import TokenStore
+
+    store = TokenStore(prepare_state_dir(_state(index, state_dir)) / "tokens.json")
+    token = store.add(name)
+    out_console.print(token)
+    err_console.print(f"token {name!r} created; it is shown only now. Send it as 'Authorization: Bearer TOKEN', "
+                      "or paste it on the page's login form. A running server picks it up at once.")
+
+
+@tokens_app.command("list")
+def tokens_list(
+    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Names and creation times of the tokens.
+
+    Example: cxr-search serve tokens list -i /indices/chest --json
+    """
+    from index.serve.auth import TokenStore
+
+    rows = TokenStore(_state(index, state_dir) / "tokens.json").names()
+    if json_out:
+        emit_json({"tokens": rows})
+        return
+    t = Table(title="API tokens")
+    t.add_column("name")
+    t.add_column("created")
+    for r in rows:
+        t.add_row(r["name"], r["created"])
+    out_console.print(t)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    name: str = typer.Argument(..., help="Name the token was added under."),
+    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+) -> None:
+    """Delete a token (a running server refuses it at once).
+
+    Example: cxr-search serve tokens revoke ris-gateway -i /indices/chest
+    """
+    from index.serve.auth import TokenStore
+
+    TokenStore(_state(index, state_dir) / "tokens.json").revoke(name)
+    err_console.print(f"token {name!r} revoked")
+
+
+@serve_app.command("audit")
+def audit(
+    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    since: Optional[str] = typer.Option(None, "--since", help="Rows from this UTC date or time (YYYY-MM-DD[THH:MM])."),
+    limit: int = typer.Option(100, "--limit", min=1, help="At most this many rows (the latest)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Who searched what and viewed which studies (the server's audit log).
+
+    Example: cxr-search serve audit -i /indices/chest --since 2026-12-01 --limit 50
+    """
+    from index.serve.audit import AuditLog
+
+    if since is not None:
+        import datetime as _dt
+
+        try:
+            _dt.datetime.fromisoformat(since)
+        except ValueError:
+            raise ConfigError(f"--since {since!r}: write a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM)") from None
+    rows = list(AuditLog(_state(index, state_dir) / "audit.jsonl").rows(since=since))[-limit:]
+    if json_out:
+        emit_json({"rows": rows})
+        return
+    t = Table(title="audit log")
+    for col in ("time", "user", "client", "action", "status", "query", "ids"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        q = r.get("query")
+        t.add_row(str(r.get("time", ""))[:19], str(r.get("user")), str(r.get("client")), str(r.get("action")),
+                  str(r.get("status")), q if isinstance(q, str) else json.dumps(q, ensure_ascii=False),
+                  str(len(r.get("ids") or [])))
+    out_console.print(t)
+
+
+__all__ = ["build_engine", "serve_app", "worker_app"]

@@ -18,21 +18,23 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import typer
-from rich.console import Console
 
+from cxr_search import __version__
 from cxr_search.commands import data_app, embed_app, model_app, presets
-from cxr_search.errors import CxrSearchError
+from cxr_search.errors import OS_ERROR_EXIT, CxrSearchError
 from cxr_search.fileio import emit_json
+from cxr_search.terminal import err_console, styled
 from index.bench.commands import bench_app
 from index.commands import index_app
 from index.demo.defaults import DEFAULT_EPOCHS, DEFAULT_STUDIES
 from index.demo.render import print_demo_tables
+from index.node.commands import import_dicomweb, node
 from index.search_commands import search_app
+from index.serve.commands import serve_app
 from train.commands import train_app
 
 app = typer.Typer(
     name="cxr-search",
-    help="Search engine for chest X-ray archives (CXR-CLIP dual encoders, FAISS, DICOM).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,14 +47,35 @@ app.add_typer(index_app, name="index")
 app.add_typer(search_app, name="search")
 app.add_typer(bench_app, name="bench")
 app.command("presets")(presets)
+app.add_typer(serve_app, name="serve")
+app.command("node")(node)
+index_app.command("import-dicomweb", hidden=True)(import_dicomweb)  # old name of index add --dicomweb
 
-console = Console(stderr=True)
-#: Exit code of a file-system failure (OSError) that no more specific error covers.
-OS_ERROR_EXIT = 9
+#: Exit code of a command-line usage error found by click (unknown option, missing argument, bad type).
+USAGE_EXIT = 2
+#: Exit code of an unexpected failure (a bug: ``-vv`` logs its traceback).
+UNEXPECTED_EXIT = 1
+#: Exit code of Ctrl-C.
+INTERRUPT_EXIT = 130
+logger = logging.getLogger("cxr_search.cli")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"cxr-search {__version__}\n")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-v info, -vv debug).")) -> None:
+def _root(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging on stderr (-v info, -vv debug)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Search engine for chest X-ray archives (CXR-CLIP dual encoders, FAISS, DICOM).
+
+    Example: cxr-search search text "right pleural effusion" -i /indices/chest
+    """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -70,15 +93,18 @@ def _demo_train(request: Any) -> Dict[str, Any]:
 
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Demo folder; a rerun reuses what it holds."),
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Demo folder; a rerun reuses what it holds."),
     studies: int = typer.Option(DEFAULT_STUDIES, "--studies", min=20, help="Studies in the synthetic archive."),
     seed: int = typer.Option(0, "--seed", help="Seed of the archive and the patient hold-out."),
     epochs: int = typer.Option(DEFAULT_EPOCHS, "--epochs", min=1, help="Training epochs of tiny-synth."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Extra training override key=value (as `train --set`)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout instead of tables."),
 ) -> None:
-    """Synthetic PACS archive -> train tiny-synth -> index -> example queries + HTML gallery -> Recall@K."""
+    """Synthetic PACS archive -> train tiny-synth -> index -> example queries + HTML gallery -> Recall@K.
+
+    Example: cxr-search demo --out demo-out --studies 200
+    """
     from cxr_search.config import parse_set_pairs
     from index.demo.run import DemoOptions, run_demo
 
@@ -86,7 +112,7 @@ def demo(
     opts = DemoOptions(studies=studies, seed=seed, epochs=epochs, train_overrides=parse_set_pairs(set_),
                        progress=progress)
     result = run_demo(out, train_fn=_demo_train, options=opts,
-                      say=lambda msg: console.print(f"[bold]demo[/bold] {msg}"))
+                      say=lambda msg: err_console.print(styled("demo ", "bold"), msg, sep=""))
     if json_out:
         emit_json(result.to_dict())
     else:
@@ -94,22 +120,31 @@ def demo(
 
 
 # -------------------------------------------------------------------------------------- main
+def _error(message: str) -> None:
+    """``error: message`` on stderr, as one line; the message is data (a path, a report) and printed literally."""
+    err_console.print(styled("error: ", "bold red"), message, sep="", soft_wrap=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Console-script entry point: run the app, turning user errors into one line and an exit code."""
+    """Console-script entry point: run the app, turning every error into one line and an exit code.
+
+    The codes are the README's table (``cxr_search.errors.EXIT_CODES``): each :class:`CxrSearchError`
+    subclass carries its own, a file-system error is 9, a usage error 2, Ctrl-C 130, anything else 1.
+    """
     try:
         # Without standalone mode click returns the code of typer.Exit (e.g. `index verify` finding problems).
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="cxr-search", standalone_mode=False)
     except CxrSearchError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        logger.debug("error", exc_info=True)  # traceback with -vv
+        _error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
-        return 130
+        err_console.print(styled("interrupted", "yellow"))
+        return INTERRUPT_EXIT
     except OSError as exc:  # the file system refused: an output folder that cannot exist, a full disk, permissions
-        logging.getLogger("cxr_search.cli").debug("file system error", exc_info=True)  # traceback with -vv
+        logger.debug("file system error", exc_info=True)  # traceback with -vv
         where = f"{exc.filename}: " if exc.filename else ""
-        console.print(f"[bold red]error:[/bold red] {where}{exc.strerror or exc}; check the path, its permissions "
-                      "and the free disk space", highlight=False, soft_wrap=True)
+        _error(f"{where}{exc.strerror or exc}; check the path, its permissions and the free disk space")
         return OS_ERROR_EXIT
     except Exception as exc:  # usage errors: a missing option, an unknown one, a bad value
         usage_errors, aborts = _click_exception_types()
@@ -117,8 +152,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             exc.show()  # "Usage: ...", "Try ... --help" and the error, as click prints it
             return exc.exit_code
         if isinstance(exc, aborts):
-            return 1
-        raise
+            return UNEXPECTED_EXIT
+        logger.debug("unexpected error", exc_info=True)
+        _error(f"unexpected {type(exc).__name__}: {exc} (rerun with -vv for the traceback, and please report it)")
+        return UNEXPECTED_EXIT
+    if rc == INTERRUPT_EXIT:  # typer turns Ctrl-C into this code itself
+        err_console.print(styled("interrupted", "yellow"))
     return rc if isinstance(rc, int) else 0
 
 

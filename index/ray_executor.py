@@ -75,6 +75,7 @@ class RayOptions:
         text_batch_size: Sections per model call and per store commit.
         precision: Precision of the actors' Embedder (as ``--precision``, resolved on the actor's device).
         num_cpus: CPUs of a local cluster started for this run (``None``: all of this machine's).
+        torch_threads: Torch threads of a CPU actor (0: :func:`cpu_threads` decides).
     """
 
     address: Optional[str] = None
@@ -86,6 +87,7 @@ class RayOptions:
     text_batch_size: int = 64
     precision: str = "fp32"
     num_cpus: Optional[int] = None
+    torch_threads: int = 0
 
 
 def require_ray() -> Any:
@@ -165,10 +167,20 @@ def _crash_if_asked() -> None:
     os._exit(1)
 
 
+def _set_threads(device: str, threads: int) -> None:
+    # Ray starts a worker with OMP_NUM_THREADS=1 (one per reserved CPU); a CPU actor that holds a node's model
+    # pass uses the cores the driver gives it (see `cpu_threads`), as the local executor's model does.
+    if device == "cpu" and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 class _ImageActor:
     """Embedding actor: loads the model once, then embeds the decoded batches it is given."""
 
-    def __init__(self, files: Any, device: str, precision: str, batch_size: int) -> None:
+    def __init__(self, files: Any, device: str, precision: str, batch_size: int, threads: int = 0) -> None:
+        _set_threads(device, threads)
         self.embedder = Embedder(_model_on_worker(files), device=device, precision=precision, batch_size=batch_size)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -185,7 +197,8 @@ class _ImageActor:
 class _TextActor:
     """Text embedding actor (report sections)."""
 
-    def __init__(self, files: Any, device: str, precision: str, batch_size: int) -> None:
+    def __init__(self, files: Any, device: str, precision: str, batch_size: int, threads: int = 0) -> None:
+        _set_threads(device, threads)
         self.embedder = Embedder(_model_on_worker(files), device=device, precision=precision,
                                  text_batch_size=batch_size)
 
@@ -193,6 +206,11 @@ class _TextActor:
         _crash_if_asked()
         return {"id": np.asarray(batch["id"], dtype=np.int64),
                 "vector": self.embedder.embed_texts([str(t) for t in batch["text"]])}
+
+
+def _threads(ray: Any, ray_opts: RayOptions) -> int:
+    nodes = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return cpu_threads(ray_opts, [c for c in nodes if c > 0])
 
 
 def _actor_args(ray_opts: RayOptions) -> Dict[str, Any]:
@@ -208,6 +226,21 @@ def _actor_args(ray_opts: RayOptions) -> Dict[str, Any]:
 
 def _device(ray_opts: RayOptions) -> str:
     return "cuda" if ray_opts.gpus_per_worker > 0 else "cpu"
+
+
+def cpu_threads(ray_opts: RayOptions, node_cpus: Sequence[float]) -> int:
+    """Torch threads of each CPU actor: the cluster's CPUs shared by the actors, at most one node's.
+
+    Ray reserves ``cpus_per_worker`` (1) per actor but an actor is the only model pass on its share of the
+    cluster; with one thread it would leave the rest of its node to the (lighter) decoding tasks.
+    ``ray_opts.torch_threads`` overrides it.
+    """
+    if ray_opts.torch_threads:
+        return ray_opts.torch_threads
+    if not node_cpus:
+        return 1
+    share = sum(node_cpus) / max(1, ray_opts.workers)
+    return max(1, int(min(max(node_cpus), round(share))))
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -292,7 +325,8 @@ def ray_image_batches(model: CXRClip, ray_opts: RayOptions, *, ref: Optional[_Mo
         ds = ds.map_batches(_decode_batch, batch_size=ray_opts.batch_size, batch_format="numpy",
                             fn_kwargs={"preprocess": preprocess, "shape": shape}, num_cpus=ray_opts.decode_cpus)
         ds = ds.map_batches(_ImageActor, batch_size=ray_opts.batch_size, batch_format="numpy",
-                            fn_constructor_args=(ref.get(), _device(ray_opts), ray_opts.precision, ray_opts.batch_size),
+                            fn_constructor_args=(ref.get(), _device(ray_opts), ray_opts.precision, ray_opts.batch_size,
+                                                 _threads(ray, ray_opts)),
                             **_actor_args(ray_opts))
         t0 = time.perf_counter()
         for batch in ds.iter_batches(batch_size=ray_opts.batch_size, batch_format="numpy"):
@@ -315,7 +349,7 @@ def ray_section_batches(model: CXRClip, ray_opts: RayOptions, *, ref: Optional[_
         ds = ray.data.from_items([{"id": int(i), "text": t} for i, t in rows])
         ds = ds.map_batches(_TextActor, batch_size=ray_opts.text_batch_size, batch_format="numpy",
                             fn_constructor_args=(ref.get(), _device(ray_opts), ray_opts.precision,
-                                                 ray_opts.text_batch_size),
+                                                 ray_opts.text_batch_size, _threads(ray, ray_opts)),
                             **_actor_args(ray_opts))
         t0 = time.perf_counter()
         for batch in ds.iter_batches(batch_size=ray_opts.text_batch_size, batch_format="numpy"):

@@ -24,7 +24,7 @@ import cli
 from index.build import BuildOptions, build
 from index.failures import list_failures
 from index.index_dir import IndexDir
-from index.ray_executor import KILL_ONCE_ENV, RayCluster, RayOptions
+from index.ray_executor import KILL_ONCE_ENV, RayCluster, RayOptions, cpu_threads
 from index.store import Image, ImageVector, Report, Section, SectionVector, Study
 from index.verify import verify
 from tests.helpers.system import need_module
@@ -281,3 +281,15 @@ def test_a_pool_the_cluster_cannot_hold_is_refused(local_ray) -> None:
         with pytest.raises(ConfigError, match="GPUs"):
             cluster.check_room()
     assert local_ray.is_initialized()
+
+
+def test_cpu_actors_use_their_share_of_the_cluster_cores() -> None:
+    """One actor on a 2-core machine runs the model on both cores (as the local executor does), never more
+    threads than one node has, at least one; an explicit count wins."""
+    assert cpu_threads(RayOptions(workers=1), [2.0]) == 2
+    assert cpu_threads(RayOptions(workers=2), [2.0]) == 1
+    assert cpu_threads(RayOptions(workers=2), [1.0, 2.0]) == 2  # 3 cores for 2 actors, capped at the larger node
+    assert cpu_threads(RayOptions(workers=1), [8.0, 8.0]) == 8
+    assert cpu_threads(RayOptions(workers=32), [8.0, 8.0]) == 1
+    assert cpu_threads(RayOptions(workers=1), []) == 1
+    assert cpu_threads(RayOptions(workers=1, torch_threads=3), [2.0]) == 3

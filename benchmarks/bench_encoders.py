@@ -21,17 +21,7 @@ import torch  # noqa: E402
 
 from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
 from cxr_search.inference import cpu_has_fast_bf16  # noqa: E402
-from index.bench.speed import encoder_benchmark  # noqa: E402
-
-
-def _cpu_flags() -> list:
-    """The CPU's vector flags that decide bf16 speed (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni"})
+from index.bench.speed import cpu_flags, encoder_benchmark  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +36,7 @@ def main() -> None:
     result = encoder_benchmark(args.presets, args.precisions, n_images=args.n_images, n_texts=args.n_texts,
                                batch_size=args.batch_size)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                         "torch": torch.__version__, "native_bf16": cpu_has_fast_bf16(), "cpu_flags": _cpu_flags()}
+                         "torch": torch.__version__, "native_bf16": cpu_has_fast_bf16(), "cpu_flags": cpu_flags()}
     print(f"{'preset':<16}{'precision':<10}{'images/s':>10}{'texts/s':>10}")
     for row in result["rows"]:
         print(f"{row['preset']:<16}{row['precision']:<10}{row['images_per_s']:>10.2f}{row['texts_per_s']:>10.2f}")

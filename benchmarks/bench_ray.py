@@ -44,6 +44,7 @@ from cxr_search.checkpoints import load_model  # noqa: E402
 from cxr_search.fileio import emit_json, write_json_atomic  # noqa: E402
 from cxr_search.inference import Embedder  # noqa: E402
 from cxr_search.synth import synthesize  # noqa: E402
+from index.bench.speed import cpu_flags  # noqa: E402
 from index.build import BuildOptions, build  # noqa: E402
 from index.embed import (  # noqa: E402
     StageTimes,
@@ -59,14 +60,6 @@ from index.store import Image, Patient, Store, Study  # noqa: E402
 QUIET = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
 
 
-def _cpu_flags() -> list:
-    """The CPU's vector flags that decide bf16 speed (as in bench_encoders.py)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni"})
 
 
 def _fresh(src: Path, dst: Path) -> Path:
@@ -220,7 +213,7 @@ def main() -> None:
     archive = args.work / f"pacs-{args.images}-{args.image_size}"
     result: Dict[str, Any] = {
         "benchmark": "ray executor vs local executor", "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(), "cpu_flags": _cpu_flags(),
+        "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(),
                     "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
         "model": ("tiny preset (seeded weights, 64 px input, 64-d embeddings)" if args.model == "tiny"
                   else f"{args.model} preset (initialised weights)"),

@@ -79,15 +79,6 @@ _ALL_LOADED_JS = """(n) => new Promise((resolve, reject) => {
 
 
 # ---------------------------------------------------------------------------------------------- machine
-def cpu_flags() -> List[str]:
-    """The CPU's vector flags that decide int8 / bf16 speed (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    keep = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "avx_vnni"}
-    return sorted(f for f in flags if f in keep)
 
 
 def machine() -> Dict[str, Any]:
@@ -95,6 +86,7 @@ def machine() -> Dict[str, Any]:
     import torch
 
     from cxr_search.inference import cpu_has_fast_bf16
+    from index.bench.speed import cpu_flags
 
     model_name = ""
     try:

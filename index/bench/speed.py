@@ -64,6 +64,22 @@ class EncoderSpeed:
     n_texts: int
 
 
+#: The CPU flags that decide int8 / bf16 speed, recorded by every benchmark (machines differ between runs).
+SPEED_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile",
+                         "avx_vnni"})
+
+
+def cpu_flags() -> List[str]:
+    """The CPU's vector flags of :data:`SPEED_FLAGS` (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f in SPEED_FLAGS)
+
+
 def synthetic_images(n: int, size: int = 512, seed: int = 0) -> List[Image.Image]:
     """Smooth radiograph-like 8-bit images (shorter side ``size``, as the cached archives store)."""
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 import cli
-from index.bench.speed import search_benchmark
+from index.bench.speed import SPEED_FLAGS, cpu_flags, search_benchmark
 
 
 def run_cli(capsys, *argv: str):
@@ -67,3 +67,15 @@ def test_table_output_and_user_errors(capsys):
     assert code == 2 and out == "" and "fp8" in err and "Traceback" not in err
     code, _, err = run_cli(capsys, "bench", "speed", "--preset", "no-such-model", "--json")
     assert code == 2 and "no-such-model" in err and "Traceback" not in err
+
+
+def test_cpu_flags_are_the_speed_flags_of_this_machine() -> None:
+    flags = cpu_flags()
+    assert flags == sorted(set(flags)) and set(flags) <= SPEED_FLAGS
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            listed = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        assert flags == []
+        return
+    assert set(flags) == listed & SPEED_FLAGS

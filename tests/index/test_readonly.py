@@ -3,21 +3,11 @@ index folder, and work on a folder the searching user cannot write (``chmod -R a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import os
-import pwd
-import select
 import shutil
-import signal
-import subprocess
-import tempfile
-import time
-import traceback
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, Tuple
 
 import pytest
 from sqlalchemy import delete
@@ -28,6 +18,7 @@ from cxr_search.errors import SearchIndexError
 from index import engines
 from index.index_dir import IndexDir
 from index.store import Failure, Meta, Store
+from tests.helpers.as_user import cli_as_nobody, nobody_read_only_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -110,75 +101,9 @@ def test_a_missing_store_is_not_created(index_copy: Path) -> None:
 
 @pytest.fixture
 def nobody_index(small_index: Tuple[Path, Path]) -> Iterator[Path]:
-    """A copy of the index owned by ``nobody`` and made read-only (``chmod -R a-w``), in a folder that
-    ``nobody`` can reach (pytest's own temporary folders are private to root); removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to hand the copy to another user (the read-only case then runs as that user)")
-    base = Path(tempfile.mkdtemp(prefix="cxr-ro-"))
-    try:
-        base.chmod(0o755)
-        index = base / "index"
-        shutil.copytree(small_index[1], index)
-        user = pwd.getpwnam("nobody")
-        for p in [index, *index.iterdir()]:
-            os.chown(p, user.pw_uid, user.pw_gid)
-        subprocess.run(["chmod", "-R", "a-w", str(index)], check=True)
+    """A read-only copy of the index owned by ``nobody`` (:func:`tests.helpers.as_user.nobody_read_only_copy`)."""
+    with nobody_read_only_copy(small_index[1]) as index:
         yield index
-    finally:
-        subprocess.run(["chmod", "-R", "u+w", str(base)], check=False)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _as_nobody(argvs: List[List[str]], timeout_s: float = 180) -> List[Tuple[int, str, str]]:
-    """(exit code, stdout, stderr) of ``cli.main(argv)`` for each argv, run in a child process as ``nobody``.
-
-    The child is forked from this process and drops root with ``setuid`` (the interpreter may live under
-    ``/root``, which ``nobody`` cannot enter, so it cannot be started as ``nobody``); every module the
-    commands need is imported by the caller first. The child is killed by its PID after ``timeout_s``.
-    """
-    user = pwd.getpwnam("nobody")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(r)
-            import torch
-
-            torch.set_num_threads(1)  # the parent's OpenMP thread pool does not survive fork(): no parallel region
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            results = []
-            for argv in argvs:
-                out, err = io.StringIO(), io.StringIO()
-                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                    rc = cli.main(argv)
-                results.append((rc, out.getvalue(), err.getvalue()))
-            os.write(w, json.dumps(results).encode())
-            code = 0
-        except BaseException:
-            os.write(w, json.dumps([(-1, "", traceback.format_exc())]).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    chunks: List[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([r], [], [], 1.0)
-            if ready:
-                data = os.read(r, 1 << 16)
-                if not data:
-                    break
-                chunks.append(data)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            pytest.fail(f"the reader run as nobody did not finish in {timeout_s} s")
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
-    return [tuple(x) for x in json.loads(b"".join(chunks))]
 
 
 def test_readers_work_on_a_read_only_folder_as_another_user(nobody_index: Path, index_copy: Path, capsys) -> None:
@@ -188,7 +113,7 @@ def test_readers_work_on_a_read_only_folder_as_another_user(nobody_index: Path, 
     argvs = [[a.format(i=index) for a in argv] for argv in READERS]
     # A writer as that user is refused with the reason, not a traceback.
     argvs.append(["index", "remove", str(index), "--study", "1.2"])
-    results = _as_nobody(argvs)
+    results = cli_as_nobody(argvs)
     assert len(results) == len(argvs), results
     for argv, (rc, out, err) in zip(argvs[:-1], results[:-1], strict=True):
         if argv[:2] == ["index", "verify"]:

@@ -196,7 +196,8 @@ def _build_command(command: str, doc: str) -> None:
     @index_app.command(command, help=doc)
     def _cmd(
         archive: Optional[Path] = typer.Argument(None, help="PACS export folder or manifest CSV (cxr-search data "
-                                                 "prepare); none with --dicomweb.", show_default=False),
+                                                 "prepare); none with --dicomweb.", show_default=False,
+                                                 metavar="ARCHIVE"),
         index: Optional[Path] = typer.Option(None, "--index", "-i", help=INDEX_HELP),
         out: Optional[Path] = typer.Option(None, "--out", "-o", hidden=True, help="Old name of --index."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: the index's own "

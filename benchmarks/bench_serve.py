@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 from bench_serve_index import PRESET, full_size_dicom, prepare  # noqa: E402  (this script's folder)
+
+from tests.helpers.serve import stop as stop_server  # noqa: E402  (SIGTERM by PID, then SIGKILL)
 
 TARGETS = {"text_p50_ms": 60.0, "load_qps": 20.0, "load_p99_ms": 500.0, "load_errors": 0, "upload_p50_ms": 300.0,
            "page_ms": 1000.0}
@@ -189,17 +190,6 @@ def start_server(index_dir: Path, state_dir: Path, log_path: Path, timeout: floa
             raise SystemExit(f"server not ready in {timeout} s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.05)
 
-
-def stop_server(proc: subprocess.Popen, grace: float = 30.0) -> Optional[int]:
-    """SIGTERM the server by its PID, SIGKILL after ``grace`` s; its exit code."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    return proc.returncode
 
 
 def rss_mb(pid: int) -> Dict[str, Optional[float]]:

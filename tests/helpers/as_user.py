@@ -4,6 +4,7 @@ an index that ``nobody`` owns. Both need root; callers skip without it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -16,9 +17,15 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
+
+
+def folder_snapshot(folder: Path) -> Dict[str, Tuple[int, int, str]]:
+    """name -> (size, mtime in ns, SHA-256) of every file in the folder: equal snapshots, nothing written."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.iterdir())}
 
 
 @contextlib.contextmanager

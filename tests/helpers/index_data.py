@@ -55,3 +55,26 @@ def copy_archive(src: Path, dst: Path, keep: Optional[set] = None) -> Path:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, dst / rel)
     return dst
+
+
+def store_dump(index_dir: Path, db_url: Optional[str] = None, *, readonly: bool = False) -> bytes:
+    """Every row of every table as text (any backend), plus the raw bytes of the SQLite files when local (free
+    pages and write-ahead log included): what a search for a name, id or path in the store must not find.
+
+    Args:
+        readonly: Open the index for reading only (the files are then read exactly as a writer left them).
+    """
+    from sqlalchemy import text
+
+    from index.index_dir import IndexDir
+    from index.store import Base
+
+    idx = IndexDir.open(index_dir, db_url=db_url, readonly=readonly)
+    parts: List[str] = []
+    try:
+        with idx.store.engine.connect() as con:
+            for table in Base.metadata.sorted_tables:
+                parts.extend(repr(tuple(r)) for r in con.execute(text(f"SELECT * FROM {table.name}")))
+    finally:
+        idx.close()
+    return "\n".join(parts).encode() + b"".join(p.read_bytes() for p in sorted(Path(index_dir).glob("store.sqlite*")))

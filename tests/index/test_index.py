@@ -15,7 +15,7 @@ from index.build import BuildOptions, build
 from index.index_dir import IndexDir
 from index.store import EMBEDDED, Image, Section, Study
 from index.verify import verify
-from tests.helpers.index_data import DB_PARAMS, copy_archive, copy_index, db_url_for, ground_truth
+from tests.helpers.index_data import DB_PARAMS, copy_archive, copy_index, db_url_for, ground_truth, store_dump
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -217,27 +217,9 @@ def test_verify_reports_missing_files_and_model_mismatch(built, tmp_path: Path) 
     assert load_model("tiny") is not None
 
 
-def _store_dump(index_dir: Path, db_url) -> bytes:
-    """Every row of every table as text (any backend), plus the raw SQLite files when local."""
-    from sqlalchemy import text
-
-    from index.store import Base
-
-    idx = IndexDir.open(index_dir, db_url=db_url)
-    parts = []
-    try:
-        with idx.store.engine.connect() as con:
-            for table in Base.metadata.sorted_tables:
-                parts.extend(repr(tuple(r)) for r in con.execute(text(f"SELECT * FROM {table.name}")))
-    finally:
-        idx.close()
-    blob = "\n".join(parts).encode()
-    return blob + b"".join(p.read_bytes() for p in index_dir.glob("store.sqlite*"))
-
-
 def test_store_holds_no_names_ids_or_paths(built, pacs_archive: Path) -> None:
     out, _, db_url = built
-    blob = _store_dump(out, db_url)
+    blob = store_dump(out, db_url)
     gt = ground_truth(pacs_archive)
     assert gt[0]["image_id"].encode() in blob  # the dump does see the stored UIDs
     for row in gt:

@@ -3,11 +3,10 @@ index folder, and work on a folder the searching user cannot write (``chmod -R a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Iterator, Tuple
 
 import pytest
 from sqlalchemy import delete
@@ -18,7 +17,7 @@ from cxr_search.errors import SearchIndexError
 from index import engines
 from index.index_dir import IndexDir
 from index.store import Failure, Meta, Store
-from tests.helpers.as_user import cli_as_nobody, nobody_read_only_copy
+from tests.helpers.as_user import cli_as_nobody, folder_snapshot, nobody_read_only_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -28,12 +27,6 @@ READERS = (
     ["index", "failures", "{i}", "--json"],
     ["search", "text", "right pleural effusion", "-i", "{i}", "-m", "tiny", "-k", "3", "--json"],
 )
-
-
-def _snapshot(folder: Path) -> Dict[str, Tuple[int, int, str]]:
-    """name -> (size, mtime in ns, SHA-256) of every file in the folder."""
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture
@@ -51,10 +44,10 @@ def _run_readers(index: Path, capsys) -> None:
 
 
 def test_readers_leave_the_folder_as_they_found_it(index_copy: Path, capsys) -> None:
-    before = _snapshot(index_copy)
+    before = folder_snapshot(index_copy)
     assert not any(name.endswith(("-wal", "-shm")) for name in before)
     _run_readers(index_copy, capsys)
-    assert _snapshot(index_copy) == before  # no file created, changed or touched; no -wal / -shm left
+    assert folder_snapshot(index_copy) == before  # no file created, changed or touched; no -wal / -shm left
 
 
 def test_a_reader_store_refuses_writes(index_copy: Path) -> None:
@@ -86,9 +79,9 @@ def test_immutable_mode_when_the_folder_is_not_writable(index_copy: Path, capsys
     opened = []
     real_connect = engines.sqlite3.connect
     monkeypatch.setattr(engines.sqlite3, "connect", lambda db, *a, **kw: opened.append(db) or real_connect(db, *a, **kw))
-    before = _snapshot(index_copy)
+    before = folder_snapshot(index_copy)
     _run_readers(index_copy, capsys)
-    assert _snapshot(index_copy) == before
+    assert folder_snapshot(index_copy) == before
     assert opened and all(u.endswith("?mode=ro&immutable=1") for u in opened)
 
 
@@ -108,7 +101,7 @@ def nobody_index(small_index: Tuple[Path, Path]) -> Iterator[Path]:
 
 def test_readers_work_on_a_read_only_folder_as_another_user(nobody_index: Path, index_copy: Path, capsys) -> None:
     index = nobody_index
-    before = _snapshot(index)
+    before = folder_snapshot(index)
     _run_readers(index_copy, capsys)  # every module the commands import is loaded before the fork
     argvs = [[a.format(i=index) for a in argv] for argv in READERS]
     # A writer as that user is refused with the reason, not a traceback.
@@ -127,4 +120,4 @@ def test_readers_work_on_a_read_only_folder_as_another_user(nobody_index: Path, 
         json.loads(out)
     rc, _, err = results[-1]
     assert rc == 7 and "writer lock" in err and "write access" in err, err[-2000:]
-    assert _snapshot(index) == before
+    assert folder_snapshot(index) == before

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 import cli
 from index.build import BuildOptions, build
 from index.index_dir import IndexDir
-from index.store import EMBEDDED, FAILED, Base, Failure, Image, Patient, Study
+from index.store import EMBEDDED, FAILED, Failure, Image, Patient, Study
 from index.verify import verify
-from tests.helpers.index_data import ground_truth
+from tests.helpers.index_data import ground_truth, store_dump
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -53,19 +53,6 @@ def _rows(index: Path) -> Dict[str, Set[str]]:
 def _add(archive: Path, index: Path, tiny_model) -> dict:
     return build(archive, index, tiny_model, BuildOptions(reports_csv=archive / "reports.csv", batch_size=8),
                  command="add")
-
-
-def _store_bytes(index: Path) -> bytes:
-    """Every row of every table as text, and the raw bytes of the SQLite files (free pages and log included)."""
-    idx = IndexDir.open(index, readonly=True)
-    parts: List[str] = []
-    try:
-        with idx.store.engine.connect() as con:
-            for table in Base.metadata.sorted_tables:
-                parts.extend(repr(tuple(r)) for r in con.execute(text(f"SELECT * FROM {table.name}")))
-    finally:
-        idx.close()
-    return "\n".join(parts).encode() + b"".join(p.read_bytes() for p in sorted(index.glob("store.sqlite*")))
 
 
 def test_removed_patient_stays_out_of_later_intakes(index_copy, tiny_model, capsys) -> None:
@@ -175,7 +162,7 @@ def test_removed_patient_leaves_no_trace_in_the_store(index_copy) -> None:
     gone = patients[victim]
     assert cli.main(["index", "remove", str(index), "--patient", victim] +
                     (["--study", failed_study] if failed_study not in gone["studies"] else [])) == 0
-    blob = _store_bytes(index)
+    blob = store_dump(index, readonly=True)
     for uid in gone["studies"] | gone["sops"] | {failed_study}:
         assert uid.encode() not in blob
     assert victim.encode() not in blob

@@ -63,6 +63,12 @@ def _render(request: Request, name: str, status: int = 200, **context: Any) -> R
     return templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
 
 
+def _error_page(request: Request, status: int, message: str, *, who: Any, state: Dict[str, Any]) -> Response:
+    """The search page showing ``message`` instead of results."""
+    return _render(request, "search.html", status, who=who, state=state, result=None, title="", error=message,
+                   next_url=None, prev_url=None)
+
+
 def _page_url(state: Dict[str, Any], **changes: Any) -> str:
     params: List[Any] = []
     for key, value in {**state, **changes}.items():
@@ -97,11 +103,9 @@ def search_page(request: Request, who: PageCaller, engine: EngineDep, gen: Gener
             result = service.text_search(engine, gen, caller, q2)
             title = state["q"]
     except ValidationError as exc:
-        return _render(request, "search.html", 422, who=who, state=state, result=None, title="",
-                       error=service.one_line(exc), next_url=None, prev_url=None)
+        return _error_page(request, 422, service.one_line(exc), who=who, state=state)
     except service.ApiError as exc:
-        return _render(request, "search.html", exc.status, who=who, state=state, result=None, title="",
-                       error=exc.detail, next_url=None, prev_url=None)
+        return _error_page(request, exc.status, exc.detail, who=who, state=state)
     next_url = prev_url = None
     if result is not None:
         if len(result["hits"]) == PAGE_K and offset + 2 * PAGE_K <= 1000:
@@ -135,14 +139,11 @@ async def image_page(request: Request, who: PageCaller, engine: EngineDep,
         result = await run_in_threadpool(service.upload_search, engine, gen, caller, img, q)
     except UploadError as exc:
         caller.record("search.image", query={"upload": "refused"}, status=exc.status, generation=gen.id)
-        return _render(request, "search.html", exc.status, who=who, state=state, result=None, title="",
-                       error=exc.message, next_url=None, prev_url=None)
+        return _error_page(request, exc.status, exc.message, who=who, state=state)
     except ValidationError as exc:
-        return _render(request, "search.html", 422, who=who, state=state, result=None, title="",
-                       error=service.one_line(exc), next_url=None, prev_url=None)
+        return _error_page(request, 422, service.one_line(exc), who=who, state=state)
     except service.ApiError as exc:
-        return _render(request, "search.html", exc.status, who=who, state=state, result=None, title="",
-                       error=exc.detail, next_url=None, prev_url=None)
+        return _error_page(request, exc.status, exc.detail, who=who, state=state)
     title = f"uploaded {img.kind.upper()} image (sha256 {img.sha256[:12]}…), {state['return']}"
     return _render(request, "search.html", who=who, state=state, result=result, title=title, next_url=None,
                    prev_url=None)

@@ -4,20 +4,14 @@ the index folder."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
-from tests.helpers.as_user import as_nobody, nobody_read_only_copy
+from tests.helpers.as_user import as_nobody, folder_snapshot, nobody_read_only_copy
 from tests.helpers.system import need_module
 
 QUERY = {"query": "right pleural effusion", "k": 3}
-
-
-def _snapshot(folder: Path) -> Dict[str, Tuple[int, int, str]]:
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.iterdir())}
 
 
 def _session(client: Any) -> Dict[str, Any]:
@@ -47,7 +41,7 @@ def test_the_server_answers_from_a_read_only_index_of_another_user(serve_index: 
 
     with nobody_read_only_copy(serve_index, writable=("state",)) as index:
         state = index.parent / "state"
-        before = _snapshot(index)
+        before = folder_snapshot(index)
 
         def serve_as_nobody() -> Dict[str, Any]:
             engine = Engine(index, Embedder(tiny_model), text_precision="fp32", reload_check_s=0.0)
@@ -59,7 +53,7 @@ def test_the_server_answers_from_a_read_only_index_of_another_user(serve_index: 
 
         got = as_nobody(serve_as_nobody)
         assert got == expected
-        assert _snapshot(index) == before  # no WAL, no journal, no cache: nothing written in the index folder
+        assert folder_snapshot(index) == before  # no WAL, no journal, no cache: nothing written in the index folder
         rows = [json.loads(line) for line in (state / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
         assert [r["action"] for r in rows] == ["search.text", "study.view"]
         assert rows[0]["query"]["text"] == QUERY["query"] and rows[0]["user"] == "local"

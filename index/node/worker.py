@@ -132,6 +132,9 @@ class Worker:
             done = self.recover()
             quiet = self.inbox.quiet_studies(self.opts.quiet_s if quiet_s is None else quiet_s, now=now)
             parked, hl7_due = self._reports_due()
+            # A parked SR joins the batch of its own images, so the study becomes searchable with its report
+            # at once rather than one round later (and a reader never sees it indexed without it).
+            parked = sorted(set(parked) | (set(self.inbox.pending_report_studies()) & set(quiet)))
             batch: Optional[Path] = None
             if quiet or parked:
                 batch = self.inbox.open_batch(quiet, pending_reports=parked)

@@ -227,7 +227,8 @@ def test_quiet_studies_are_indexed_and_reports_attach_before_or_after_images(stu
         t0 = time.monotonic()
         assert storescu(store_bin, node.scp.port, [*b.files, *c.files]).returncode == 0
         wait_until(lambda: len(_study_state(index_dir)) == 3 and not node.inbox.pending_report_studies()
-                   and not list(node.inbox.hl7.glob("*.json")), timeout=30, what="studies B and C with reports")
+                   and not list(node.inbox.hl7.glob("*.json")) and not node.inbox.unfinished_batches(),
+                   timeout=30, what="studies B and C with reports")
         searchable_s = time.monotonic() - t0
         state = _study_state(index_dir)
         assert state[b.study_uid] == (set(b.sop_uids), "sr")
@@ -257,6 +258,30 @@ def test_quiet_studies_are_indexed_and_reports_attach_before_or_after_images(stu
     assert node.inbox.unfinished_batches() == [] and node.inbox.inbox_studies() == []
     assert os.listdir(node.inbox.tmp) == []
 
+
+
+def test_a_parked_sr_joins_the_batch_of_its_images(studies, tiny_model, tmp_path: Path) -> None:
+    """An SR that came before its images is indexed in the same round as they are, never one round later."""
+    from index.node.inbox import Inbox
+    from index.node.worker import Worker, WorkerOptions, ensure_index
+
+    index_dir = tmp_path / "index"
+    ensure_index(index_dir, tiny_model)
+    inbox = Inbox(index_dir)
+    inbox.prepare()
+    worker = Worker(index_dir, tiny_model, inbox, WorkerOptions(build=BuildOptions(batch_size=8, device="cpu")))
+    study = studies[4]
+    sr = sr_file(tmp_path / "sr.dcm", study, study.report)
+    inbox.store(study.study_uid, str(dcmread(sr).SOPInstanceUID), sr.read_bytes(), report=True)
+    (first,) = worker.run_once(quiet_s=0)
+    assert first["reports_parked"] == 1 and inbox.pending_report_studies() == [study.study_uid]
+    assert _study_state(index_dir) == {}
+    for path, sop in zip(study.files, study.sop_uids, strict=True):
+        inbox.store(study.study_uid, sop, path.read_bytes())
+    (second,) = worker.run_once(quiet_s=0)  # one round: the images and their waiting SR together
+    assert second["studies"] == [study.study_uid] and second["reports_parked"] == 0
+    assert _study_state(index_dir) == {study.study_uid: (set(study.sop_uids), "sr")}
+    assert inbox.pending_report_studies() == [] and worker.run_once(quiet_s=0) == []
 
 def test_ensure_index_creates_one_index_under_the_writer_lock(tiny_model, tmp_path: Path) -> None:
     """A node and an import started together on a new folder create the index once; a folder of other files

@@ -75,6 +75,7 @@ class Metrics:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     app.state.engine.close()  # SIGTERM: uvicorn finishes the requests in flight, then this runs
+    app.state.audit.close()
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
@@ -92,7 +93,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.engine = engine
     app.state.config = config
     app.state.tokens = TokenStore(config.tokens_file)
-    app.state.audit = AuditLog(config.audit_file)
+    app.state.audit = AuditLog(config.audit_db)
     app.state.thumbs = ThumbnailCache(config.thumbs_dir if config.cache_thumbnails else None)
     app.state.metrics = Metrics.create()
     engine.reload_check_s = config.reload_check_s

@@ -40,6 +40,7 @@ tokens_app = typer.Typer(help="API tokens (shown once, stored hashed).", no_args
 serve_app.add_typer(tokens_app, name="tokens")
 
 _STATE_HELP = "Folder of tokens, audit log and thumbnail cache (default INDEX_DIR/serve; needed for a read-only index)."
+_AUDIT_HELP = "Audit log database URL (default: SQLite STATE_DIR/audit.sqlite), e.g. postgresql+psycopg://host/db."
 
 
 def _state(index: Optional[Path], state_dir: Optional[Path]) -> Path:
@@ -82,7 +83,7 @@ def worker_app() -> Any:
     config = ServeConfig(state_dir=Path(data["config"]["state_dir"]), host=data["config"]["host"],
                          max_upload_bytes=data["config"]["max_upload_bytes"],
                          cors_origins=tuple(data["config"]["cors_origins"]), viewer_url=data["config"]["viewer_url"],
-                         cache_thumbnails=data["config"]["cache_thumbnails"])
+                         cache_thumbnails=data["config"]["cache_thumbnails"], audit_url=data["config"]["audit_url"])
     return create_app(build_engine(data["engine"]), config)
 
 
@@ -95,6 +96,7 @@ def start(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port to listen on (0: a free one)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Worker processes (each loads the model)."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    audit_db: str = typer.Option("", "--audit-db", help=_AUDIT_HELP),
     db: Optional[str] = typer.Option(None, "--db", help="Store URL when not the index's own."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     query_precision: str = typer.Option("auto", "--query-precision", help="auto (int8 on CPU), int8, fp32, bf16, fp16."),
@@ -112,13 +114,16 @@ def start(
     import uvicorn
 
     from index.serve.app import configure_logging, create_app
+    from index.serve.audit import AuditLog
     from index.serve.auth import TokenStore
 
     if not (index_dir / "index.json").is_file():
         raise ConfigError(f"{index_dir}: not an index folder (no index.json); build one with cxr-search index build")
     state = prepare_state_dir(_state(index_dir, state_dir))
     config = ServeConfig(state_dir=state, host=host, max_upload_bytes=max_upload_mb * 1024 * 1024,
-                         cors_origins=tuple(cors_origins), viewer_url=viewer_url, cache_thumbnails=thumbnail_cache)
+                         cors_origins=tuple(cors_origins), viewer_url=viewer_url, cache_thumbnails=thumbnail_cache,
+                         audit_url=audit_db)
+    AuditLog(config.audit_db).close()  # an audit database that cannot be written stops the start, before the model loads
     warning = check_bind(host, TokenStore(config.tokens_file).configured())
     if warning:
         err_console.print(styled(f"warning: {warning}", "yellow"))
@@ -135,7 +140,8 @@ def start(
         return
     os.environ[_SETTINGS_ENV] = json.dumps({"engine": settings, "config": {
         "state_dir": str(state), "host": host, "max_upload_bytes": config.max_upload_bytes,
-        "cors_origins": list(cors_origins), "viewer_url": viewer_url, "cache_thumbnails": thumbnail_cache}})
+        "cors_origins": list(cors_origins), "viewer_url": viewer_url, "cache_thumbnails": thumbnail_cache,
+        "audit_url": audit_db}})
     err_console.print(f"serving {index_dir} with {workers} workers at http://{host}:{port}/ ; state in {state}")
     uvicorn.run("index.serve.commands:worker_app", factory=True, workers=workers, **common)
 
@@ -203,6 +209,7 @@ def tokens_revoke(
 def audit(
     index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    audit_db: str = typer.Option("", "--audit-db", help=_AUDIT_HELP),
     since: Optional[str] = typer.Option(None, "--since", help="Rows from this UTC date or time (YYYY-MM-DD[THH:MM])."),
     limit: int = typer.Option(100, "--limit", min=1, help="At most this many rows (the latest)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -211,7 +218,7 @@ def audit(
 
     Example: cxr-search serve audit -i /indices/chest --since 2026-12-01 --limit 50
     """
-    from index.serve.audit import AuditLog
+    from index.serve.audit import AuditLog, default_audit_url
 
     if since is not None:
         import datetime as _dt
@@ -220,7 +227,11 @@ def audit(
             _dt.datetime.fromisoformat(since)
         except ValueError:
             raise ConfigError(f"--since {since!r}: write a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM)") from None
-    rows = list(AuditLog(_state(index, state_dir) / "audit.jsonl").rows(since=since))[-limit:]
+    log = AuditLog(audit_db or default_audit_url(_state(index, state_dir)), create=False)
+    try:
+        rows = log.tail(limit, since=since)
+    finally:
+        log.close()
     if json_out:
         emit_json({"rows": rows})
         return

@@ -8,7 +8,8 @@ Defaults, and why:
   the static files needs one, on loopback too. With no token at all (loopback only), requests are
   served as the user ``local`` and audited as such.
 - State (tokens, audit log, thumbnail cache) lives in ``--state-dir`` (default ``INDEX_DIR/serve``);
-  the index folder itself is only read, so it may be read-only when ``--state-dir`` is elsewhere.
+  the index folder itself is only read, so it may be read-only when ``--state-dir`` is elsewhere. The
+  audit log is a SQLite database there unless ``--audit-db URL`` names another (e.g. PostgreSQL).
 - No CORS headers unless origins are given; uploads are limited to 64 MB and never written to disk.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from cxr_search.errors import ConfigError
+from index.serve.audit import default_audit_url
 
 #: Most hits one request may ask for (``k``), and the deepest page (``offset + k``).
 MAX_K = 100
@@ -51,7 +53,7 @@ class ServeConfig:
     """What the app needs to know besides the engine.
 
     Attributes:
-        state_dir: Folder of ``tokens.json``, ``audit.jsonl`` and the thumbnail cache (created 0700).
+        state_dir: Folder of ``tokens.json``, ``audit.sqlite`` and the thumbnail cache (created 0700).
         host: Address the server binds (decides whether running without tokens is allowed).
         max_upload_bytes: Largest accepted query image.
         cors_origins: Origins allowed by CORS (none: no CORS headers at all).
@@ -59,6 +61,7 @@ class ServeConfig:
             ``https://pacs/viewer?StudyInstanceUIDs={study_uid}``); empty for none.
         cache_thumbnails: Keep rendered thumbnails in ``state_dir/thumbs``.
         reload_check_s: Seconds between checks of the index folder for a new generation.
+        audit_url: SQLAlchemy URL of the audit database; empty for ``STATE_DIR/audit.sqlite``.
     """
 
     state_dir: Path
@@ -68,6 +71,7 @@ class ServeConfig:
     viewer_url: str = ""
     cache_thumbnails: bool = True
     reload_check_s: float = 0.5
+    audit_url: str = ""
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1024:
@@ -81,9 +85,9 @@ class ServeConfig:
         return self.state_dir / "tokens.json"
 
     @property
-    def audit_file(self) -> Path:
-        """The append-only audit log (JSON lines)."""
-        return self.state_dir / "audit.jsonl"
+    def audit_db(self) -> str:
+        """URL of the append-only audit log's database."""
+        return self.audit_url or default_audit_url(self.state_dir)
 
     @property
     def thumbs_dir(self) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cxr_search.errors import ConfigError
-from index.serve.audit import AuditLog
+from index.serve.audit import TABLE, AuditLog, default_audit_url
 from index.serve.auth import TokenStore
 from index.serve.config import check_bind, is_loopback
 
@@ -97,8 +97,8 @@ def test_audit_rows_for_searches_and_views(secured, tmp_path: Path, serve_archiv
     client.get(hits[0]["thumbnail_url"], headers=auth)
     client.post("/api/search/image", json={"image_id": hits[0]["image_id"], "k": 2}, headers=auth)
     client.post("/api/search/text", json={"query": "   "}, headers=auth)
-    rows = list(AuditLog(tmp_path / "state" / "audit.jsonl").rows())
-    assert stat.S_IMODE(os.stat(tmp_path / "state" / "audit.jsonl").st_mode) == 0o600
+    rows = list(AuditLog(default_audit_url(tmp_path / "state")).rows())
+    assert stat.S_IMODE(os.stat(tmp_path / "state" / "audit.sqlite").st_mode) == 0o600
     by_action = {}
     for row in rows:
         by_action.setdefault(row["action"], []).append(row)
@@ -115,7 +115,7 @@ def test_audit_rows_for_searches_and_views(secured, tmp_path: Path, serve_archiv
     assert by_action["search.image"][0]["query"]["image_id"] == hits[0]["image_id"]
     assert all(r["time"] <= s["time"] for r, s in zip(rows, rows[1:], strict=False))
     since = rows[2]["time"]
-    assert list(AuditLog(tmp_path / "state" / "audit.jsonl").rows(since=since)) == rows[2:]
+    assert list(AuditLog(default_audit_url(tmp_path / "state")).rows(since=since)) == rows[2:]
 
 
 def test_uploads_are_audited_by_hash(client, tmp_path: Path, serve_archive) -> None:
@@ -123,10 +123,62 @@ def test_uploads_are_audited_by_hash(client, tmp_path: Path, serve_archive) -> N
     data = next(archive.rglob("*.DCM")).read_bytes()
     r = client.post("/api/search/image", files={"file": ("q.dcm", data)}, data={"k": "2"})
     assert r.status_code == 200
-    row = [r for r in AuditLog(tmp_path / "state" / "audit.jsonl").rows() if r["action"] == "search.image"][-1]
+    row = [r for r in AuditLog(default_audit_url(tmp_path / "state")).rows() if r["action"] == "search.image"][-1]
     assert row["user"] == "local" and row["query"]["upload_sha256"] == r.json()["query_sha256"]
     assert row["query"]["type"] == "dicom" and "path" not in json.dumps(row["query"])
 
+
+
+def test_the_audit_log_is_append_only_in_the_database(store_url: str) -> None:
+    """The database itself refuses to change or delete a row (SQLite and PostgreSQL); reading creates nothing."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+
+    assert list(AuditLog(store_url, create=False).rows()) == []  # no log yet: empty, and no table is made
+    log = AuditLog(store_url)
+    log.record(user="alice", client="127.0.0.1", action="search.text", query={"text": "effusion"}, ids=[1, 2])
+    log.record(user="bob", client="127.0.0.1", action="study.view", query={"study_uid": "1.2"}, ids=[3])
+    engine = create_engine(store_url)
+    tampering = [f"UPDATE {TABLE} SET \"user\" = 'mallory'", f"DELETE FROM {TABLE}"]
+    if engine.dialect.name == "postgresql":
+        tampering.append(f"TRUNCATE {TABLE}")
+    try:
+        for statement in tampering:
+            with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+                conn.execute(text(statement))
+    finally:
+        engine.dispose()
+    again = AuditLog(store_url)  # a restart keeps the rows and the triggers
+    assert [(r["user"], r["action"], r["ids"]) for r in again.rows()] == [
+        ("alice", "search.text", [1, 2]), ("bob", "study.view", [3])]
+    assert [r["user"] for r in again.tail(1)] == ["bob"]
+    log.close()
+    again.close()
+
+
+def test_worker_processes_append_to_one_audit_log(tmp_path: Path) -> None:
+    """Several server processes (``--workers N``) write the same log at once: every row is kept."""
+    import multiprocessing
+
+    url = default_audit_url(tmp_path / "state")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_rows, args=(url, f"worker{i}", 40)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    rows = list(AuditLog(url, create=False).rows())
+    assert len(rows) == 120
+    for i in range(3):
+        assert [r["ids"] for r in rows if r["user"] == f"worker{i}"] == [[n] for n in range(40)]
+
+
+def _append_rows(url: str, user: str, n: int) -> None:
+    log = AuditLog(url)
+    for i in range(n):
+        log.record(user=user, client="127.0.0.1", action="search.text", query={"text": "q"}, ids=[i])
+    log.close()
 
 def test_binding_rules() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.1.2.3")

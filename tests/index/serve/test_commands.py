@@ -32,6 +32,24 @@ def test_tokens_and_audit_commands(serve_index: Path, tmp_path: Path, capsys: py
     capsys.readouterr()
 
 
+
+def test_audit_command_reads_the_audit_database(store_url: str, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """``serve audit --audit-db URL`` (SQLite or PostgreSQL): the latest rows, as JSON or a table of literal text."""
+    from cxr_search import terminal
+    from index.serve.audit import AuditLog
+
+    monkeypatch.setattr(terminal.out_console, "width", 240)  # a wide terminal: no cell is folded
+
+    log = AuditLog(store_url)
+    for i, q in enumerate(["effusion", "effusion [/b] [red]x", "cardiomegaly"]):
+        log.record(user="alice", client="10.0.0.7", action="search.text", query={"text": q}, ids=[i])
+    log.close()
+    assert cli.main(["serve", "audit", "--audit-db", store_url, "--limit", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["query"]["text"] for r in rows] == ["effusion [/b] [red]x", "cardiomegaly"]
+    assert cli.main(["serve", "audit", "--audit-db", store_url]) == 0
+    assert "[/b] [red]x" in capsys.readouterr().out  # printed literally, never read as markup
+
 def test_start_refusals(serve_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc = cli.main(["serve", str(serve_index), "--host", "0.0.0.0", "--state-dir", str(tmp_path / "s")])
     assert rc == 2 and "refusing to listen on 0.0.0.0" in capsys.readouterr().err
@@ -39,6 +57,10 @@ def test_start_refusals(serve_index: Path, tmp_path: Path, capsys: pytest.Captur
     assert rc == 2 and "not an index folder" in capsys.readouterr().err
     rc = cli.main(["serve", str(serve_index), "--state-dir", str(tmp_path / "s"), "--viewer-url", "https://pacs/x"])
     assert rc == 2 and "{study_uid}" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")  # the audit database's folder cannot be made: under a file
+    rc = cli.main(["serve", str(serve_index), "--state-dir", str(tmp_path / "s"), "--audit-db",
+                   f"sqlite:///{tmp_path / 'a-file' / 'audit.sqlite'}"])
+    assert rc == 2 and "cannot create the audit log" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -55,5 +77,7 @@ def test_server_process_serves_and_stops_on_sigterm(serve_index: Path, tmp_path:
     log = next(tmp_path.glob("server-*.log")).read_text()
     assert "Application shutdown complete" in log
     assert "POST /api/search/text 200" in log and "effusion" not in log  # queries never reach the ordinary log
-    rows = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    from index.serve.audit import AuditLog, default_audit_url
+
+    rows = list(AuditLog(default_audit_url(tmp_path / "state"), create=False).rows())
     assert rows[-1]["action"] == "search.text" and rows[-1]["query"]["text"] == "effusion"

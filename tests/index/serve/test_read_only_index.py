@@ -4,7 +4,6 @@ the index folder."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict
 
@@ -54,6 +53,8 @@ def test_the_server_answers_from_a_read_only_index_of_another_user(serve_index: 
         got = as_nobody(serve_as_nobody)
         assert got == expected
         assert folder_snapshot(index) == before  # no WAL, no journal, no cache: nothing written in the index folder
-        rows = [json.loads(line) for line in (state / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
+        from index.serve.audit import AuditLog, default_audit_url
+
+        rows = list(AuditLog(default_audit_url(state), create=False).rows())
         assert [r["action"] for r in rows] == ["search.text", "study.view"]
         assert rows[0]["query"]["text"] == QUERY["query"] and rows[0]["user"] == "local"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from cxr_search.errors import SearchIndexError
-from index.lock import LOCK_FILE, WriterLock, writer_lock
+from index.lock import LOCK_FILE, WriterLock, read_holders, writer_lock
 
 #: The index's metadata (model fingerprint, preprocessing, store URL, FAISS facts); its presence makes an index.
 META_FILE = "index.json"
@@ -27,10 +27,23 @@ def prepare_folder(root: Union[str, Path]) -> Path:
     """
     root = Path(root).expanduser()
     if not (root / META_FILE).is_file() and root.is_dir():
-        if {p.name for p in root.iterdir()} - _NEW_FOLDER_FILES:
+        if {p.name for p in root.iterdir()} - _NEW_FOLDER_FILES and not _being_created(root):
             raise SearchIndexError(f"{root}: folder is not empty and holds no index; give a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def _being_created(root: Path) -> bool:
+    """Whether the files of ``root`` are an index that a live writer is creating (or has just finished).
+
+    Two writers started together on a new folder (a node and an import): the second must not call the
+    first one's half-written index "other files"; it goes on to the writer lock, which makes it wait or
+    refuse naming the first. The holders are read before ``index.json`` is looked at again because a
+    writer writes that file before it releases the lock.
+    """
+    if any(h.alive() is not False for h in read_holders(root)):
+        return True
+    return (root / META_FILE).is_file()
 
 
 def writer_target(index_dir: Union[str, Path], command: str, *, shard: bool = False) -> Path:

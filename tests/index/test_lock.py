@@ -84,6 +84,25 @@ def test_second_writer_fails_at_once_naming_the_holder(index_copy, holders, caps
     assert read_holders(index) == []  # released cleanly: no record left to mistake for a killed writer
 
 
+
+def test_a_new_index_being_created_is_not_taken_for_other_files(tmp_path: Path, holders, capsys) -> None:
+    """A second writer on a new folder that the first is still creating is told about the writer, not "not empty"."""
+    archive = tmp_path / "archive"
+    synthesize(archive, studies=1, seed=3, layout="pacs", broken=0, image_size=32)
+    root = tmp_path / "new"
+    root.mkdir()
+    holder = _start_holder(root, "index build")
+    holders.append(holder)
+    (root / "images.faiss").write_bytes(b"half written")  # the first writer's files, before its index.json
+    rc = cli.main(["index", "build", str(archive), "-m", "tiny", "-i", str(root)])
+    err = capsys.readouterr().err
+    assert rc == 7 and "being changed by another writer" in err and f"pid {holder.pid}" in err
+    assert "not empty" not in err
+    holder.kill()  # killed before it wrote index.json: what it left is not an index
+    holder.wait(timeout=30)
+    assert cli.main(["index", "build", str(archive), "-m", "tiny", "-i", str(root)]) == 7
+    assert "folder is not empty and holds no index" in capsys.readouterr().err
+
 def test_wait_takes_the_lock_once_the_holder_is_done(tmp_path: Path, holders) -> None:
     holder = _start_holder(tmp_path, "index add")
     holders.append(holder)

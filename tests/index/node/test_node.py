@@ -290,12 +290,20 @@ def test_ensure_index_creates_one_index_under_the_writer_lock(tiny_model, tmp_pa
 
     root = tmp_path / "new"
     created: List[bool] = []
-    threads = [threading.Thread(target=lambda: created.append(ensure_index(root, tiny_model))) for _ in range(3)]
+    errors: List[BaseException] = []
+
+    def create() -> None:
+        try:
+            created.append(ensure_index(root, tiny_model))
+        except BaseException as exc:  # a thread's error must reach the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert sorted(created) == [False, False, True]
+    assert errors == [] and sorted(created) == [False, False, True]
     idx = IndexDir.open(root)
     idx.close()
 

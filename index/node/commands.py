@@ -13,7 +13,6 @@ from typing import Any, List, Optional
 
 import typer
 
-from cxr_search.errors import ConfigError
 from cxr_search.fileio import emit_json
 from cxr_search.terminal import err_console as console
 
@@ -55,13 +54,10 @@ def node(
     Example: cxr-search node /indices/chest -m models/r50_mcc --host 10.1.2.3 --port 11112 --allow PACS@10.1.2.9
     """
     from index.build import BuildOptions
-    from index.node.runtime import Node
-    from index.node.scp import NodeConfig, parse_allow
+    from index.node.runtime import Node, node_config
     from index.node.worker import WorkerOptions
 
-    if len(ae_title.strip()) == 0 or len(ae_title) > 16:
-        raise ConfigError(f"--ae-title {ae_title!r}: an AE title has 1 to 16 characters")
-    config = NodeConfig(ae_title=ae_title.strip(), host=host, port=port, allow=parse_allow(allow))
+    config = node_config(ae_title, host, port, allow)
     opts = WorkerOptions(quiet_s=quiet, build=BuildOptions(batch_size=batch_size, device=device, precision=precision,
                                                            body_part_filter=not all_body_parts, db_url=db))
     m = _load(model, tokenizer)

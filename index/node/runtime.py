@@ -1,6 +1,6 @@
 """A running node: the DICOM SCP, the optional HL7 listener and the worker, over one index folder.
 
-Used by ``cxr-search node``; a service process can run the same object beside its HTTP server.
+Used by ``cxr-search node``, and by ``cxr-search serve --node-port`` beside its HTTP server.
 """
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Optional, Union
+from typing import Any, Dict, FrozenSet, Optional, Sequence, Union
 
 from cxr_search.errors import ConfigError
 from cxr_search.model import CXRClip
 from index.node.hl7 import HL7Listener
 from index.node.inbox import Inbox
-from index.node.scp import NodeConfig, StorageNode, counts_dict
+from index.node.scp import NodeConfig, StorageNode, counts_dict, parse_allow
 from index.node.worker import Worker, WorkerOptions, ensure_index
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,32 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def node_config(ae_title: str, host: str, port: int, allow: Sequence[str], *, allow_any: bool = False) -> NodeConfig:
+    """The DICOM side of a node from command-line values, checked.
+
+    Args:
+        ae_title: The node's AE title (1 to 16 characters).
+        host: Address to listen on.
+        port: DICOM port (0: a free one).
+        allow: ``AE_TITLE@HOST`` entries of the allow-list.
+        allow_any: Admit every caller on a non-loopback address.
+
+    Raises:
+        ConfigError: A malformed AE title or allow-list entry, or a non-loopback address without an allow-list.
+    """
+    if len(ae_title.strip()) == 0 or len(ae_title) > 16:
+        raise ConfigError(f"--ae-title {ae_title!r}: an AE title has 1 to 16 characters")
+    config = NodeConfig(ae_title=ae_title.strip(), host=host, port=port, allow=parse_allow(allow))
+    _check_exposure(config, allow_any)
+    return config
+
+
+def _check_exposure(config: NodeConfig, allow_any: bool) -> None:
+    if not is_loopback(config.host) and not config.allow and not allow_any:
+        raise ConfigError(f"--host {config.host}: a node reachable from the network needs an allow-list "
+                          "(--allow AE@HOST for each PACS or router); --allow-any admits every caller")
 
 
 class Node:
@@ -49,9 +75,7 @@ class Node:
     def __init__(self, index_dir: Union[str, Path], model: CXRClip, config: NodeConfig,
                  worker: Optional[WorkerOptions] = None, *, hl7_port: Optional[int] = None,
                  hl7_allowed: FrozenSet[str] = frozenset(), allow_any: bool = False) -> None:
-        if not is_loopback(config.host) and not config.allow and not allow_any:
-            raise ConfigError(f"--host {config.host}: a node reachable from the network needs an allow-list "
-                              "(--allow AE@HOST for each PACS or router); --allow-any admits every caller")
+        _check_exposure(config, allow_any)
         self.index_dir = Path(index_dir).expanduser()
         self.model = model
         self.opts = worker or WorkerOptions()
@@ -63,6 +87,7 @@ class Node:
         self._hl7_host = config.host
         self._hl7_allowed = hl7_allowed
         self.recovered: list = []
+        self._stopped = False
 
     def start(self) -> None:
         """Open (or create) the index, finish what a killed run left, then listen and process.
@@ -83,7 +108,10 @@ class Node:
         self.worker.start()
 
     def stop(self) -> None:
-        """Stop listening, then stop the worker after its batch in progress."""
+        """Stop listening, then stop the worker after its batch in progress (a second call does nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.scp.stop()
         if self.hl7 is not None:
             self.hl7.stop()
@@ -99,4 +127,4 @@ class Node:
         }
 
 
-__all__ = ["Node", "is_loopback"]
+__all__ = ["Node", "is_loopback", "node_config"]

@@ -74,7 +74,13 @@ class Metrics:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
-    app.state.engine.close()  # SIGTERM: uvicorn finishes the requests in flight, then this runs
+    # SIGTERM: uvicorn finishes the requests in flight, then this runs (and then re-raises the signal, so this
+    # is the last moment to stop the DICOM node of `serve --node-port` gracefully).
+    node = getattr(app.state, "node", None)
+    if node is not None:
+        logging.getLogger(__name__).info("DICOM node stopping (the inbox is on disk: a restart finishes it)")
+        node.stop()
+    app.state.engine.close()
     app.state.audit.close()
 
 

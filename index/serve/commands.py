@@ -57,8 +57,12 @@ def _settings(index_dir: Path, model: Optional[str], tokenizer: Optional[Path], 
             "db": db, "device": device, "query_precision": query_precision}
 
 
-def build_engine(settings: dict) -> Any:
+def build_engine(settings: dict, model: Any = None) -> Any:
     """The warm engine of ``settings`` (model resolved from the index unless given).
+
+    Args:
+        settings: What ``serve start`` was given (see ``_settings``).
+        model: An already loaded model to use instead of loading one.
 
     Raises:
         CxrSearchError: The index or model cannot be loaded, or they do not match.
@@ -68,11 +72,64 @@ def build_engine(settings: dict) -> Any:
     from index.model_ref import resolve_model
     from index.serve.engine import Engine
 
-    source = resolve_model(settings["index_dir"], settings.get("model"))
-    model = load_model(source, tokenizer=settings.get("tokenizer"), require_tokenizer=True)
+    if model is None:
+        source = resolve_model(settings["index_dir"], settings.get("model"))
+        model = load_model(source, tokenizer=settings.get("tokenizer"), require_tokenizer=True)
     embedder = Embedder(model, device=settings.get("device") or "auto")
     return Engine(settings["index_dir"], embedder, db_url=settings.get("db"),
                   text_precision=settings.get("query_precision") or "auto")
+
+
+def _node_config(node_port: Optional[int], node_host: str, ae_title: str, allow: List[str], workers: int,
+                 hl7_port: Optional[int], allow_any: bool) -> Any:
+    """The checked DICOM side of ``serve --node-port`` (None without it).
+
+    Raises:
+        ConfigError: Node options without ``--node-port``, ``--workers`` above 1, or a bad AE title or allow-list.
+    """
+    if node_port is None:
+        if allow or hl7_port is not None:
+            raise ConfigError("--allow and --hl7-port configure the DICOM node: give --node-port too")
+        return None
+    if workers != 1:
+        raise ConfigError("--node-port runs the DICOM node inside the server process, which needs --workers 1; "
+                          "for more workers run `cxr-search node INDEX_DIR` beside the server")
+    from index.node.runtime import node_config
+
+    return node_config(ae_title, node_host, node_port, allow, allow_any=allow_any)
+
+
+def _create_node_index(index_dir: Path, settings: dict) -> Any:
+    """Create the empty index of ``serve --node-port --model M`` on a new folder; returns the loaded model."""
+    from cxr_search.checkpoints import load_model
+    from index.node.worker import ensure_index
+
+    model = load_model(settings["model"], tokenizer=settings.get("tokenizer"), require_tokenizer=True)
+    ensure_index(index_dir, model, db_url=settings.get("db"))
+    return model
+
+
+def _start_node(index_dir: Path, engine: Any, config: Any, *, allow_any: bool, quiet: float,
+                hl7_port: Optional[int], hl7_allow: List[str], db: Optional[str]) -> Any:
+    """Start the DICOM node of ``serve --node-port`` on the engine's model (shared: it is only read) and device."""
+    from index.build import BuildOptions
+    from index.node.runtime import Node
+    from index.node.worker import WorkerOptions
+
+    opts = WorkerOptions(quiet_s=quiet, build=BuildOptions(device=str(engine.embedder.device), db_url=db))
+    node = Node(index_dir, engine.embedder.model, config, opts, hl7_port=hl7_port, hl7_allowed=frozenset(hl7_allow),
+                allow_any=allow_any)
+    try:
+        node.start()
+    except OSError as exc:
+        node.stop()
+        raise ConfigError(f"the DICOM node cannot listen on {config.host}:{config.port} (or the HL7 port): "
+                          f"{exc.strerror or exc}; choose another --node-port / --hl7-port") from exc
+    st = node.status()
+    err_console.print(f"node {st['ae_title']} listening on {st['host']}:{st['port']}"
+                      + (f", HL7 on port {st['hl7_port']}" if st["hl7_port"] else "")
+                      + f"; studies are indexed {quiet:g} s after their last instance")
+    return node
 
 
 def worker_app() -> Any:
@@ -106,10 +163,26 @@ def start(
     thumbnail_cache: bool = typer.Option(True, "--thumbnail-cache/--no-thumbnail-cache",
                                          help="Keep rendered thumbnails in STATE_DIR/thumbs."),
     json_logs: bool = typer.Option(False, "--json-logs", help="Log one JSON object per line."),
+    node_port: Optional[int] = typer.Option(None, "--node-port", min=0, max=65535, help="Also run the DICOM node "
+                                            "(as cxr-search node) in this process, on this port."),
+    node_host: str = typer.Option("127.0.0.1", "--node-host", help="Address the DICOM node listens on (with "
+                                  "--node-port); not loopback only with --allow."),
+    ae_title: str = typer.Option("CXRSEARCH", "--ae-title", help="The node's AE title (with --node-port)."),
+    allow: List[str] = typer.Option([], "--allow", help="AE_TITLE@HOST allowed to send to the node (repeatable)."),
+    allow_any: bool = typer.Option(False, "--allow-any", help="The node accepts any caller on a non-loopback address."),
+    quiet: float = typer.Option(10.0, "--quiet", min=0.0, help="Seconds without a new instance after which the "
+                                "node indexes a study."),
+    hl7_port: Optional[int] = typer.Option(None, "--hl7-port", min=0, max=65535, help="The node also receives HL7 "
+                                           "ORU^R01 reports over MLLP on this port."),
+    hl7_allow: List[str] = typer.Option([], "--hl7-allow", help="Address allowed to send HL7 (repeatable)."),
 ) -> None:
     """Serve INDEX_DIR: the web page at /, the JSON API under /api/ (OpenAPI at /openapi.json), /healthz, /metrics.
 
+    With --node-port the same process also runs the DICOM node of INDEX_DIR (an empty index is created
+    when INDEX_DIR has none and --model is given); studies it indexes are served without a restart.
+
     Example: cxr-search serve /indices/chest --port 8000 --workers 2
+    Example: cxr-search serve /indices/chest --node-port 11112 --node-host 10.1.2.3 --allow PACS@10.1.2.9
     """
     import uvicorn
 
@@ -117,8 +190,10 @@ def start(
     from index.serve.audit import AuditLog
     from index.serve.auth import TokenStore
 
-    if not (index_dir / "index.json").is_file():
-        raise ConfigError(f"{index_dir}: not an index folder (no index.json); build one with cxr-search index build")
+    node_cfg = _node_config(node_port, node_host, ae_title, allow, workers, hl7_port, allow_any)
+    if not (index_dir / "index.json").is_file() and not (node_cfg is not None and model):
+        raise ConfigError(f"{index_dir}: not an index folder (no index.json); build one with cxr-search index build"
+                          + ("" if node_cfg is None else ", or give --model to start an empty index for the node"))
     state = prepare_state_dir(_state(index_dir, state_dir))
     config = ServeConfig(state_dir=state, host=host, max_upload_bytes=max_upload_mb * 1024 * 1024,
                          cors_origins=tuple(cors_origins), viewer_url=viewer_url, cache_thumbnails=thumbnail_cache,
@@ -132,11 +207,24 @@ def start(
     common = dict(host=host, port=port, log_config=log_config, access_log=False, server_header=False,
                   timeout_graceful_shutdown=30)
     if workers == 1:
-        engine = build_engine(settings)  # errors (model mismatch...) end here, with one line and an exit code
+        preloaded = None
+        if node_cfg is not None and not (index_dir / "index.json").is_file():
+            preloaded = _create_node_index(index_dir, settings)
+        engine = build_engine(settings, preloaded)  # errors (model mismatch...) end here, with one line and a code
         gen = engine.current()
         err_console.print(f"serving {index_dir} (generation {gen.id}, {gen.counts['images']} images, "
                           f"{gen.counts['studies']} studies) at http://{host}:{port}/ ; state in {state}")
-        uvicorn.run(create_app(engine, config), **common)
+        node = None
+        if node_cfg is not None:
+            node = _start_node(index_dir, engine, node_cfg, allow_any=allow_any, quiet=quiet, hl7_port=hl7_port,
+                               hl7_allow=hl7_allow, db=db)
+        app = create_app(engine, config)
+        app.state.node = node  # stopped at the app's shutdown
+        try:
+            uvicorn.run(app, **common)
+        finally:
+            if node is not None:  # uvicorn did not start (a port in use): the node stops here
+                node.stop()
         return
     os.environ[_SETTINGS_ENV] = json.dumps({"engine": settings, "config": {
         "state_dir": str(state), "host": host, "max_upload_bytes": config.max_upload_bytes,

@@ -20,6 +20,18 @@ _MODEL_HELP = "Model: released CXR-CLIP file, our model directory, or preset (th
 _DB_HELP = "Store URL (SQLAlchemy); default: INDEX_DIR/store.sqlite or $CXR_SEARCH_DB_URL."
 
 
+# The node's options, shared by `cxr-search node` and `cxr-search serve --node-port` (same names, same meaning).
+AE_TITLE_OPTION = typer.Option("CXRSEARCH", "--ae-title", help="The node's AE title (the PACS sends to it).")
+ALLOW_OPTION = typer.Option([], "--allow", help="AE_TITLE@HOST allowed to send (repeatable); others are rejected at "
+                            "association.")
+ALLOW_ANY_OPTION = typer.Option(False, "--allow-any", help="Accept any caller on a non-loopback address.")
+QUIET_OPTION = typer.Option(10.0, "--quiet", min=0.0, help="Seconds without a new instance after which a study is "
+                            "indexed.")
+HL7_PORT_OPTION = typer.Option(None, "--hl7-port", min=0, max=65535, help="Also receive HL7 ORU^R01 reports over "
+                               "MLLP on this port.")
+HL7_ALLOW_OPTION = typer.Option([], "--hl7-allow", help="Address allowed to send HL7 (repeatable).")
+
+
 def _load(model: str, tokenizer: Optional[Path]) -> Any:
     from cxr_search.checkpoints import load_model
 
@@ -30,18 +42,15 @@ def node(
     index: Path = typer.Argument(..., help="Index folder (created, empty, when missing)."),
     model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (released files)."),
-    ae_title: str = typer.Option("CXRSEARCH", "--ae-title", help="The node's AE title (the PACS sends to it)."),
+    ae_title: str = AE_TITLE_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; the hospital network's address to "
                              "receive from the PACS (then --allow is required)."),
     port: int = typer.Option(11112, "--port", min=0, max=65535, help="DICOM port."),
-    allow: List[str] = typer.Option([], "--allow", help="AE_TITLE@HOST allowed to send (repeatable); others are "
-                                    "rejected at association."),
-    allow_any: bool = typer.Option(False, "--allow-any", help="Accept any caller on a non-loopback address."),
-    quiet: float = typer.Option(10.0, "--quiet", min=0.0, help="Seconds without a new instance after which a study "
-                                "is indexed."),
-    hl7_port: Optional[int] = typer.Option(None, "--hl7-port", min=0, max=65535, help="Also receive HL7 ORU^R01 "
-                                           "reports over MLLP on this port."),
-    hl7_allow: List[str] = typer.Option([], "--hl7-allow", help="Address allowed to send HL7 (repeatable)."),
+    allow: List[str] = ALLOW_OPTION,
+    allow_any: bool = ALLOW_ANY_OPTION,
+    quiet: float = QUIET_OPTION,
+    hl7_port: Optional[int] = HL7_PORT_OPTION,
+    hl7_allow: List[str] = HL7_ALLOW_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per embedding batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16, fp16 (GPU) or auto."),

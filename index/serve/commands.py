@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from cxr_search.errors import ConfigError
 from cxr_search.fileio import emit_json
 from cxr_search.terminal import err_console, out_console, styled
+from index.node import commands as node_options
 from index.serve.config import DEFAULT_UPLOAD_MB, ServeConfig, check_bind, default_state_dir, prepare_state_dir
 
 logger = logging.getLogger(__name__)
@@ -167,14 +168,12 @@ def start(
                                             "(as cxr-search node) in this process, on this port."),
     node_host: str = typer.Option("127.0.0.1", "--node-host", help="Address the DICOM node listens on (with "
                                   "--node-port); not loopback only with --allow."),
-    ae_title: str = typer.Option("CXRSEARCH", "--ae-title", help="The node's AE title (with --node-port)."),
-    allow: List[str] = typer.Option([], "--allow", help="AE_TITLE@HOST allowed to send to the node (repeatable)."),
-    allow_any: bool = typer.Option(False, "--allow-any", help="The node accepts any caller on a non-loopback address."),
-    quiet: float = typer.Option(10.0, "--quiet", min=0.0, help="Seconds without a new instance after which the "
-                                "node indexes a study."),
-    hl7_port: Optional[int] = typer.Option(None, "--hl7-port", min=0, max=65535, help="The node also receives HL7 "
-                                           "ORU^R01 reports over MLLP on this port."),
-    hl7_allow: List[str] = typer.Option([], "--hl7-allow", help="Address allowed to send HL7 (repeatable)."),
+    ae_title: str = node_options.AE_TITLE_OPTION,
+    allow: List[str] = node_options.ALLOW_OPTION,
+    allow_any: bool = node_options.ALLOW_ANY_OPTION,
+    quiet: float = node_options.QUIET_OPTION,
+    hl7_port: Optional[int] = node_options.HL7_PORT_OPTION,
+    hl7_allow: List[str] = node_options.HL7_ALLOW_OPTION,
 ) -> None:
     """Serve INDEX_DIR: the web page at /, the JSON API under /api/ (OpenAPI at /openapi.json), /healthz, /metrics.
 

@@ -131,10 +131,7 @@ class Worker:
         with self._busy:
             done = self.recover()
             quiet = self.inbox.quiet_studies(self.opts.quiet_s if quiet_s is None else quiet_s, now=now)
-            parked, hl7_due = self._reports_due()
-            # A parked SR joins the batch of its own images, so the study becomes searchable with its report
-            # at once rather than one round later (and a reader never sees it indexed without it).
-            parked = sorted(set(parked) | (set(self.inbox.pending_report_studies()) & set(quiet)))
+            parked, hl7_due = self._reports_due(quiet)
             batch: Optional[Path] = None
             if quiet or parked:
                 batch = self.inbox.open_batch(quiet, pending_reports=parked)
@@ -146,8 +143,13 @@ class Worker:
                     done.append(summary)
             return done
 
-    def _reports_due(self) -> tuple:
-        """(parked SR studies now in the index, whether an HL7 report's study is in the index without one)."""
+    def _reports_due(self, quiet: List[str]) -> tuple:
+        """(parked SR studies now in the index or in ``quiet``, whether an HL7 report's study is in the index
+        without one).
+
+        A parked SR joins the batch of its own images (``quiet``), so the study becomes searchable with its
+        report at once rather than one round later (and a reader never sees it indexed without it).
+        """
         parked = self.inbox.pending_report_studies()
         pending = load_pending(self.inbox)
         if not parked and not pending:
@@ -160,7 +162,7 @@ class Worker:
             matched = match_studies(idx.store, idx.secret, pending)
         finally:
             idx.close()
-        return sorted(present), any(not has for _, has in matched.values())
+        return sorted(present | (set(parked) & set(quiet))), any(not has for _, has in matched.values())
 
     def _process_safely(self, batch: Path) -> Optional[Dict[str, Any]]:
         last = self._failed_at.get(batch.name)

@@ -75,10 +75,7 @@ def node(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     n.start()
-    st = n.status()
-    console.print(f"node {st['ae_title']} listening on {st['host']}:{st['port']}"
-                  + (f", HL7 on port {st['hl7_port']}" if st["hl7_port"] else "")
-                  + f"; index {index}; studies are indexed {quiet:g} s after their last instance")
+    console.print(n.describe())
     try:
         while not stop.wait(1.0):
             pass

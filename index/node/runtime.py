@@ -117,6 +117,13 @@ class Node:
             self.hl7.stop()
         self.worker.stop()
 
+    def describe(self) -> str:
+        """One line for the operator: where the node listens, its index and its quiet time."""
+        st = self.status()
+        return (f"node {st['ae_title']} listening on {st['host']}:{st['port']}"
+                + (f", HL7 on port {st['hl7_port']}" if st["hl7_port"] else "")
+                + f"; index {self.index_dir}; studies are indexed {self.opts.quiet_s:g} s after their last instance")
+
     def status(self) -> Dict[str, Any]:
         """Ports, counters and what waits in the inbox."""
         return {

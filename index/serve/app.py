@@ -76,7 +76,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     # SIGTERM: uvicorn finishes the requests in flight, then this runs (and then re-raises the signal, so this
     # is the last moment to stop the DICOM node of `serve --node-port` gracefully).
-    node = getattr(app.state, "node", None)
+    node = app.state.node
     if node is not None:
         logging.getLogger(__name__).info("DICOM node stopping (the inbox is on disk: a restart finishes it)")
         node.stop()
@@ -102,6 +102,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.audit = AuditLog(config.audit_db)
     app.state.thumbs = ThumbnailCache(config.thumbs_dir if config.cache_thumbnails else None)
     app.state.metrics = Metrics.create()
+    app.state.node = None  # the DICOM node of `serve --node-port`, stopped at shutdown
     engine.reload_check_s = config.reload_check_s
 
     for r in (health.router, search.router, studies.router, pages.router):

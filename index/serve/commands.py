@@ -20,7 +20,14 @@ from cxr_search.errors import ConfigError
 from cxr_search.fileio import emit_json
 from cxr_search.terminal import err_console, out_console, styled
 from index.node import commands as node_options
-from index.serve.config import DEFAULT_UPLOAD_MB, ServeConfig, check_bind, default_state_dir, prepare_state_dir
+from index.serve.config import (
+    DEFAULT_UPLOAD_MB,
+    ServeConfig,
+    check_bind,
+    default_state_dir,
+    prepare_state_dir,
+    tokens_file,
+)
 
 logger = logging.getLogger(__name__)
 _SETTINGS_ENV = "CXR_SEARCH_SERVE_SETTINGS"
@@ -41,6 +48,9 @@ tokens_app = typer.Typer(help="API tokens (shown once, stored hashed).", no_args
 serve_app.add_typer(tokens_app, name="tokens")
 
 _STATE_HELP = "Folder of tokens, audit log and thumbnail cache (default INDEX_DIR/serve; needed for a read-only index)."
+# The folder options of the token and audit commands (which find the state folder from either).
+_SERVED_INDEX_OPTION = typer.Option(None, "--index", "-i", help="Index folder the server serves.")
+_STATE_DIR_OPTION = typer.Option(None, "--state-dir", help=_STATE_HELP)
 _AUDIT_HELP = "Audit log database URL (default: SQLite STATE_DIR/audit.sqlite), e.g. postgresql+psycopg://host/db."
 
 
@@ -126,10 +136,7 @@ def _start_node(index_dir: Path, engine: Any, config: Any, *, allow_any: bool, q
         node.stop()
         raise ConfigError(f"the DICOM node cannot listen on {config.host}:{config.port} (or the HL7 port): "
                           f"{exc.strerror or exc}; choose another --node-port / --hl7-port") from exc
-    st = node.status()
-    err_console.print(f"node {st['ae_title']} listening on {st['host']}:{st['port']}"
-                      + (f", HL7 on port {st['hl7_port']}" if st["hl7_port"] else "")
-                      + f"; studies are indexed {quiet:g} s after their last instance")
+    err_console.print(node.describe())
     return node
 
 
@@ -153,7 +160,7 @@ def start(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; not loopback only with API tokens."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port to listen on (0: a free one)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Worker processes (each loads the model)."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    state_dir: Optional[Path] = _STATE_DIR_OPTION,
     audit_db: str = typer.Option("", "--audit-db", help=_AUDIT_HELP),
     db: Optional[str] = typer.Option(None, "--db", help="Store URL when not the index's own."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
@@ -218,7 +225,7 @@ def start(
             node = _start_node(index_dir, engine, node_cfg, allow_any=allow_any, quiet=quiet, hl7_port=hl7_port,
                                hl7_allow=hl7_allow, db=db)
         app = create_app(engine, config)
-        app.state.node = node  # stopped at the app's shutdown
+        app.state.node = node
         try:
             uvicorn.run(app, **common)
         finally:
@@ -236,8 +243,8 @@ def start(
 @tokens_app.command("add")
 def tokens_add(
     name: str = typer.Argument(..., help="Who or what uses the token (appears in the audit log)."),
-    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    index: Optional[Path] = _SERVED_INDEX_OPTION,
+    state_dir: Optional[Path] = _STATE_DIR_OPTION,
 ) -> None:
     """Create a token and print it once (only its hash is kept).
 
@@ -245,7 +252,7 @@ def tokens_add(
     """
     from index.serve.auth import TokenStore
 
-    store = TokenStore(prepare_state_dir(_state(index, state_dir)) / "tokens.json")
+    store = TokenStore(tokens_file(prepare_state_dir(_state(index, state_dir))))
     token = store.add(name)
     out_console.print(token)
     err_console.print(f"token {name!r} created; it is shown only now. Send it as 'Authorization: Bearer TOKEN', "
@@ -254,8 +261,8 @@ def tokens_add(
 
 @tokens_app.command("list")
 def tokens_list(
-    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    index: Optional[Path] = _SERVED_INDEX_OPTION,
+    state_dir: Optional[Path] = _STATE_DIR_OPTION,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Names and creation times of the tokens.
@@ -264,7 +271,7 @@ def tokens_list(
     """
     from index.serve.auth import TokenStore
 
-    rows = TokenStore(_state(index, state_dir) / "tokens.json").names()
+    rows = TokenStore(tokens_file(_state(index, state_dir))).names()
     if json_out:
         emit_json({"tokens": rows})
         return
@@ -279,8 +286,8 @@ def tokens_list(
 @tokens_app.command("revoke")
 def tokens_revoke(
     name: str = typer.Argument(..., help="Name the token was added under."),
-    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    index: Optional[Path] = _SERVED_INDEX_OPTION,
+    state_dir: Optional[Path] = _STATE_DIR_OPTION,
 ) -> None:
     """Delete a token (a running server refuses it at once).
 
@@ -288,14 +295,14 @@ def tokens_revoke(
     """
     from index.serve.auth import TokenStore
 
-    TokenStore(_state(index, state_dir) / "tokens.json").revoke(name)
+    TokenStore(tokens_file(_state(index, state_dir))).revoke(name)
     err_console.print(f"token {name!r} revoked")
 
 
 @serve_app.command("audit")
 def audit(
-    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder the server serves."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    index: Optional[Path] = _SERVED_INDEX_OPTION,
+    state_dir: Optional[Path] = _STATE_DIR_OPTION,
     audit_db: str = typer.Option("", "--audit-db", help=_AUDIT_HELP),
     since: Optional[str] = typer.Option(None, "--since", help="Rows from this UTC date or time (YYYY-MM-DD[THH:MM])."),
     limit: int = typer.Option(100, "--limit", min=1, help="At most this many rows (the latest)."),

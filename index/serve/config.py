@@ -43,6 +43,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def tokens_file(state_dir: Path) -> Path:
+    """The hashed API tokens of a state folder."""
+    return Path(state_dir) / "tokens.json"
+
+
 def default_state_dir(index_dir: Path) -> Path:
     """``INDEX_DIR/serve``: where tokens, the audit log and cached thumbnails go unless told otherwise."""
     return Path(index_dir).expanduser() / "serve"
@@ -82,7 +87,7 @@ class ServeConfig:
     @property
     def tokens_file(self) -> Path:
         """The hashed API tokens."""
-        return self.state_dir / "tokens.json"
+        return tokens_file(self.state_dir)
 
     @property
     def audit_db(self) -> str:
@@ -130,4 +135,4 @@ def check_bind(host: str, have_tokens: bool) -> Optional[str]:
 
 
 __all__ = ["DEFAULT_UPLOAD_MB", "MAX_DEPTH", "MAX_K", "PREVIEW_SIZE", "THUMB_SIZE", "ServeConfig", "check_bind",
-           "default_state_dir", "is_loopback", "prepare_state_dir"]
+           "default_state_dir", "is_loopback", "prepare_state_dir", "tokens_file"]

@@ -130,6 +130,22 @@ def _finish(kind: str, query: str, result: Any, f: Filters, k: int, model: str, 
         err_console.print(f"gallery: {html_out}")
 
 
+# The options `search text` and `search image` share (one declaration, one help text each).
+_INDEX_OPTION = typer.Option(..., "--index", "-i", help=INDEX_HELP)
+_MODEL_OPTION = typer.Option(None, "--model", "-m", help=_MODEL_OPT_HELP)
+_TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP)
+_TOP_K_OPTION = typer.Option(10, "-k", "--top-k", help=TOP_K_HELP.format(max_k=MAX_K))
+_K_ALIAS_OPTION = typer.Option(None, "--k", hidden=True, help="Old spelling of --top-k.")
+_FILTER_OPTION = typer.Option([], "--filter", help=_FILTER_HELP)
+_SINCE_OPTION = typer.Option(None, "--since", help="Only studies on or after this date (YYYY-MM-DD).")
+_UNTIL_OPTION = typer.Option(None, "--until", help="Only studies on or before this date (YYYY-MM-DD).")
+_DB_OPTION = typer.Option(None, "--db", help=DB_HELP)
+_DEVICE_OPTION = typer.Option("auto", "--device", help=DEVICE_HELP)
+_WIDE_OPTION = typer.Option(False, "--wide", help="One table row per hit, whatever the terminal width.")
+_JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
+_HTML_OPTION = typer.Option(None, "--html", help="Also write a page with thumbnails of the hits.")
+
+
 def _open_searcher(index: Path, model: Optional[str], tokenizer: Optional[Path], device: str, db: Optional[str],
                    *, need_text: bool, text_precision: str = "auto") -> Tuple[Any, str]:
     """(Searcher, model source): the index's model unless ``model``, on ``device``."""
@@ -146,22 +162,22 @@ def _open_searcher(index: Path, model: Optional[str], tokenizer: Optional[Path],
 @search_app.command("text")
 def search_text(
     query: str = typer.Argument(..., help="A description, e.g. 'large right pleural effusion'."),
-    index: Path = typer.Option(..., "--index", "-i", help=INDEX_HELP),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_OPT_HELP),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    k: int = typer.Option(10, "-k", "--top-k", help=TOP_K_HELP.format(max_k=MAX_K)),
-    k_alias: Optional[int] = typer.Option(None, "--k", hidden=True, help="Old spelling of --top-k."),
+    index: Path = _INDEX_OPTION,
+    model: Optional[str] = _MODEL_OPTION,
+    tokenizer: Optional[Path] = _TOKENIZER_OPTION,
+    k: int = _TOP_K_OPTION,
+    k_alias: Optional[int] = _K_ALIAS_OPTION,
     level: str = typer.Option("image", "--level", help="image (one hit per image) or study (one per study)."),
-    filters: List[str] = typer.Option([], "--filter", help=_FILTER_HELP),
-    since: Optional[str] = typer.Option(None, "--since", help="Only studies on or after this date (YYYY-MM-DD)."),
-    until: Optional[str] = typer.Option(None, "--until", help="Only studies on or before this date (YYYY-MM-DD)."),
-    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    filters: List[str] = _FILTER_OPTION,
+    since: Optional[str] = _SINCE_OPTION,
+    until: Optional[str] = _UNTIL_OPTION,
+    db: Optional[str] = _DB_OPTION,
+    device: str = _DEVICE_OPTION,
     query_precision: str = typer.Option("auto", "--query-precision",
                                         help="Query text encoder: auto (int8 on CPU), int8, fp32, bf16, fp16."),
-    wide: bool = typer.Option(False, "--wide", help="One table row per hit, whatever the terminal width."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a page with thumbnails of the hits."),
+    wide: bool = _WIDE_OPTION,
+    json_out: bool = _JSON_OPTION,
+    html_out: Optional[Path] = _HTML_OPTION,
 ) -> None:
     """Images (or studies) that match a description.
 
@@ -186,22 +202,22 @@ def search_text(
 @search_app.command("image")
 def search_image(
     image: Path = typer.Argument(..., help="Query image file: DICOM (any name) or PNG/JPEG."),
-    index: Path = typer.Option(..., "--index", "-i", help=INDEX_HELP),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_OPT_HELP),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    k: int = typer.Option(10, "-k", "--top-k", help=TOP_K_HELP.format(max_k=MAX_K)),
-    k_alias: Optional[int] = typer.Option(None, "--k", hidden=True, help="Old spelling of --top-k."),
+    index: Path = _INDEX_OPTION,
+    model: Optional[str] = _MODEL_OPTION,
+    tokenizer: Optional[Path] = _TOKENIZER_OPTION,
+    k: int = _TOP_K_OPTION,
+    k_alias: Optional[int] = _K_ALIAS_OPTION,
     returns: str = typer.Option("reports", "--return", help="reports (report sections), images or studies."),
-    filters: List[str] = typer.Option([], "--filter", help=_FILTER_HELP),
-    since: Optional[str] = typer.Option(None, "--since", help="Only studies on or after this date (YYYY-MM-DD)."),
-    until: Optional[str] = typer.Option(None, "--until", help="Only studies on or before this date (YYYY-MM-DD)."),
+    filters: List[str] = _FILTER_OPTION,
+    since: Optional[str] = _SINCE_OPTION,
+    until: Optional[str] = _UNTIL_OPTION,
     include_same_patient: bool = typer.Option(False, "--include-same-patient",
                                               help="Do not exclude the query's own patient and study."),
-    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    wide: bool = typer.Option(False, "--wide", help="One table row per hit, whatever the terminal width."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a page with thumbnails of the hits."),
+    db: Optional[str] = _DB_OPTION,
+    device: str = _DEVICE_OPTION,
+    wide: bool = _WIDE_OPTION,
+    json_out: bool = _JSON_OPTION,
+    html_out: Optional[Path] = _HTML_OPTION,
 ) -> None:
     """Report sections, similar images or similar studies for an image.
 
